@@ -1,0 +1,150 @@
+"""The artifact: a folder a serving engine reads, plus manifest.json. Written into a temporary
+sibling folder and renamed into place, so an interrupted run never leaves half an artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from kiln.artifact.formats import packed_tensors
+from kiln.artifact.manifest import MANIFEST, file_digests, verify
+from kiln.artifact.pack import unpack_int32
+from kiln.errors import ArtifactError
+from kiln.recipe import OutputFormat
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+KILN_QUANT = "kiln_quantization.json"
+SHARD_BYTES = 2 * 2**30
+
+
+def _ct_config(groups: dict[tuple, list[str]], ignore: list[str]) -> dict:
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    config_groups = {}
+    for k, ((bits, group_size, symmetric), names) in enumerate(sorted(groups.items())):
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
+                                strategy="channel" if group_size is None else "group", group_size=group_size)
+        config_groups[f"group_{k}"] = QuantizationScheme(targets=sorted(names), weights=args)
+    cfg = QuantizationConfig(config_groups=config_groups, format="pack-quantized",
+                             quantization_status="compressed", ignore=ignore)
+    return cfg.model_dump(mode="json")
+
+
+def _save_sharded(tensors: dict[str, torch.Tensor], root: Path) -> None:
+    from safetensors.torch import save_file
+
+    shards, cur, size = [], {}, 0
+    for k in sorted(tensors):
+        nbytes = tensors[k].numel() * tensors[k].element_size()
+        if cur and size + nbytes > SHARD_BYTES:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = tensors[k]
+        size += nbytes
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], str(root / "model.safetensors"), metadata={"format": "pt"})
+        return
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}, "weight_map": {}}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(root / name), metadata={"format": "pt"})
+        index["weight_map"].update({k: name for k in shard})
+    (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def build_checkpoint(root: Path, model_dir: Path, store, quantized: dict[str, dict], fmt: OutputFormat,
+                     dtype: torch.dtype) -> None:
+    """Write config, tokenizer and weights. `quantized`: module name → {symmetric, transposed}."""
+    tensors: dict[str, torch.Tensor] = {}
+    groups: dict[tuple, list[str]] = {}
+    for name in store.keys():
+        if name.endswith((".qcodes", ".qscale", ".qzero")):
+            continue
+        mod = name.rsplit(".", 1)[0]
+        if name.endswith(".weight") and mod in quantized:
+            q = store.quantized(name)
+            info = quantized[mod]
+            tensors.update(packed_tensors(mod, q, info["symmetric"], dtype))
+            groups.setdefault((q.bits, q.group_size, info["symmetric"]), []).append(mod)
+            continue
+        t = store.get(name)
+        tensors[name] = t.to(dtype) if t.is_floating_point() else t
+    _save_sharded(tensors, root)
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    if fmt is OutputFormat.compressed_tensors and groups:
+        cfg["quantization_config"] = _ct_config(groups, ignore=["lm_head"])
+    (root / "config.json").write_text(json.dumps(cfg, indent=2))
+    if fmt is OutputFormat.kiln and groups:
+        (root / KILN_QUANT).write_text(json.dumps({"modules": {m: quantized[m] for g in groups.values() for m in g}}, indent=2))
+    for f in TOKENIZER_FILES:
+        if (model_dir / f).is_file():
+            shutil.copy2(model_dir / f, root / f)
+
+
+def commit(tmp: Path, target: Path, manifest: dict) -> None:
+    """Finish `tmp` (digests + manifest) and swap it into `target` with renames."""
+    manifest["files"] = file_digests(tmp)
+    manifest["size_bytes"] = sum(f["size_bytes"] for f in manifest["files"].values())
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        os.replace(target, old / "a")
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_dir(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+
+
+def load_model(root: Path, verify_digests: bool = True):
+    """Load an artifact as a float PyTorch model (weights dequantized). Digests are checked first."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    root = Path(root)
+    manifest = verify(root) if verify_digests else json.loads((root / MANIFEST).read_text())
+    if manifest.get("format") == OutputFormat.compressed_tensors.value:
+        from transformers import CompressedTensorsConfig
+
+        return AutoModelForCausalLM.from_pretrained(root, quantization_config=CompressedTensorsConfig(run_compressed=False),
+                                                    dtype=torch.float32).eval()
+    # kiln format: unpack our own tensors into a dense state dict
+    from kiln.compress.quant import dequantize
+    from kiln.model import build_skeleton, tied_aliases
+
+    info = json.loads((root / KILN_QUANT).read_text())["modules"] if (root / KILN_QUANT).exists() else {}
+    raw: dict[str, torch.Tensor] = {}
+    for f in sorted(root.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            raw.update({k: h.get_tensor(k) for k in h.keys()})
+    state = {k: v.float() if v.is_floating_point() else v for k, v in raw.items() if not any(
+        k.startswith(m + ".weight_") for m in info)}
+    for m, meta in info.items():
+        out_f, in_f = raw[f"{m}.weight_shape"].tolist()
+        scale = raw[f"{m}.weight_scale"].float()
+        codes = unpack_int32(raw[f"{m}.weight_packed"], meta["bits"], in_f)
+        zero = (unpack_int32(raw[f"{m}.weight_zero_point"], meta["bits"], out_f, dim=0) if not meta["symmetric"]
+                else torch.full_like(scale, 2 ** (meta["bits"] - 1)))
+        W = dequantize(codes, scale, zero, meta["group_size"])
+        state[f"{m}.weight"] = W.T.contiguous() if meta["transposed"] else W
+    model = build_skeleton(root)
+    aliases = tied_aliases(model)
+    missing = [n for n in dict(model.named_parameters()) if n not in state and n not in aliases]
+    if missing:
+        raise ArtifactError(f"{root}: weights missing from the checkpoint: {missing[:5]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    return model.eval()

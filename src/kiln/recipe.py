@@ -1,0 +1,192 @@
+"""The recipe: one YAML file, validated into frozen typed models before anything runs.
+
+Sections: `model`, `data` (calibration and evaluation), `compress` (ordered stages), `evaluate`,
+`output`. Errors carry the YAML path *and* the line so the user can jump to it.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kiln.compress import CompressConfig
+from kiln.errors import InputError, RecipeError
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Frozen):
+    """Where the model comes from. `source` is a local HF folder, a `.gguf` file, `pkg:module/path`
+    (a file shipped inside an installed Python package), a hub id, or a list of paths that are the
+    consecutive parts of one GGUF file split across packages."""
+
+    source: str | list[str]
+    gguf_file: str | None = Field(None, description="GGUF file name inside `source` when it is a folder")
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @field_validator("source")
+    @classmethod
+    def _non_empty(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and len(v) < 2:
+            raise ValueError("a list of GGUF parts needs at least two entries; use a plain string for one file")
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+class CalibrationConfig(Frozen):
+    """N samples × L tokens drawn (seeded) from `source`."""
+
+    source: str
+    field: str = Field("text", description="text column for JSONL/Parquet/Arrow sources")
+    samples: int = Field(128, ge=1)
+    seq_len: int = Field(512, ge=8)
+    seed: int = 0
+
+
+class EvalTextConfig(Frozen):
+    """A perplexity dataset: `windows` non-overlapping windows of `seq_len` tokens, from the start of
+    the text (documents joined by a blank line), disjoint from the calibration documents."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    source: str
+    field: str = "text"
+    windows: int = Field(8, ge=1)
+    seq_len: int = Field(512, ge=8)
+
+
+class DataConfig(Frozen):
+    calibration: CalibrationConfig | None = None
+    evaluation: list[EvalTextConfig] = Field(default_factory=list)
+
+    @field_validator("evaluation")
+    @classmethod
+    def _unique_names(cls, v: list[EvalTextConfig]) -> list[EvalTextConfig]:
+        names = [e.name for e in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"evaluation names must be unique; repeated: {sorted(dup)}")
+        return v
+
+
+class EvaluateConfig(Frozen):
+    perplexity: bool = True
+    reference_rtn: bool = Field(
+        False,
+        description="also evaluate plain round-to-nearest with each quantization stage's scheme, "
+        "so the report shows what the calibrated method bought over RTN",
+    )
+    batch_size: int = Field(4, ge=1)
+
+
+class OutputFormat(str, enum.Enum):
+    compressed_tensors = "compressed-tensors"  # vLLM / compressed-tensors pack-quantized
+    kiln = "kiln"  # same packing, any module type (GPT-2 Conv1D), ragged last groups allowed
+
+
+class OutputDtype(str, enum.Enum):
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+class OutputConfig(Frozen):
+    format: OutputFormat = OutputFormat.compressed_tensors
+    dtype: OutputDtype = Field(OutputDtype.float16, description="dtype of unquantized weights and of scales")
+
+
+class Recipe(Frozen):
+    name: str = "kiln-run"
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    compress: list[Annotated[CompressConfig, Field(discriminator="kind")]] = Field(default_factory=list)
+    evaluate: EvaluateConfig | None = Field(default_factory=EvaluateConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Recipe":
+        needs_calib = [s.kind for s in self.compress if s.needs_calibration]
+        if needs_calib and self.data.calibration is None:
+            raise ValueError(f"stages {needs_calib} need calibration text: add data.calibration.source")
+        if self.evaluate is not None and self.evaluate.perplexity and not self.data.evaluation:
+            raise ValueError("evaluate.perplexity is on but data.evaluation lists no text; add one or set evaluate: null")
+        return self
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+# --- loading with line numbers ------------------------------------------------------------------
+
+
+def _node_line(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """Walk the composed YAML tree along a pydantic error location; return the 1-based line."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if k.value == key), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            nxt = node.value[key]
+        else:
+            nxt = None  # discriminator tags ('gptq') and missing fields stay on the parent's line
+        if nxt is None:
+            continue
+        node = nxt
+        line = node.start_mark.line + 1
+    return line
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in {"rtn", "gptq", "awq", "smoothquant", "sparsegpt", "distill"} and out.startswith("compress"):
+            continue  # pydantic inserts the union tag; the user never wrote it
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def parse_recipe(text: str, origin: str = "<recipe>") -> Recipe:
+    try:
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{origin}:{mark.line + 1}" if mark else origin
+        raise RecipeError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}",
+                          hint="check indentation and quoting near that line") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{origin}: a recipe is a YAML mapping with sections model, data, compress, evaluate, output")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            line = _node_line(node, loc)
+            where = f"{origin}:{line}" if line else origin
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field; remove it or check its spelling"
+            elif "input" in err and err["type"] not in ("missing", "union_tag_invalid") and not isinstance(err["input"], (dict, list)):
+                msg += f" (got {err['input']!r})"
+            lines.append(f"{where}: {_format_loc(loc)}: {msg}")
+        raise RecipeError("\n".join(lines)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"recipe file not found: {path}", hint="pass the path to a .yaml recipe, e.g. recipes/quickstart.yaml")
+    return parse_recipe(path.read_text(), origin=str(path))

@@ -1,0 +1,143 @@
+"""Model sources → one local safetensors folder (config, weights, tokenizer) plus a content digest.
+
+GGUF sources (a file, a file inside a package, or parts split across packages) are dequantized to
+fp32 by transformers once and cached as safetensors under the cache dir, keyed by the GGUF's sha256,
+so the second run loads in seconds. Hub ids are fetched by transformers (network needed, never in
+tests) and cached the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiln.errors import InputError
+from kiln.paths import cache_dir, cached_sha256, resolve_path
+from kiln.recipe import ModelConfig
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path  # folder with config.json, *.safetensors, tokenizer files
+    digest: str  # sha256 of the source content
+    origin: str  # what the recipe said
+    kind: str  # "hf-folder" | "gguf" | "hub"
+
+
+def _folder_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        h.update(str(f.relative_to(folder)).encode())
+        h.update(cached_sha256(f).encode())
+    return h.hexdigest()
+
+
+def _convert_to_safetensors(load_dir: str, gguf_file: str | None, target: Path, trust_remote_code: bool,
+                            revision: str | None = None) -> None:
+    """Load with transformers (dequantizing GGUF), save as safetensors into `target` atomically."""
+    if revision is None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local sources never touch the network
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(trust_remote_code=trust_remote_code, revision=revision)
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        tok = AutoTokenizer.from_pretrained(load_dir, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(load_dir, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"could not load model {load_dir}{'/' + gguf_file if gguf_file else ''}: {exc}") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        from safetensors.torch import save_model
+
+        # save_pretrained refuses GGUF-loaded models; the weights are plain fp32 by now.
+        # save_model drops the tied duplicates (lm_head = embed_tokens) the way save_pretrained does.
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tok.save_pretrained(tmp)
+        cfg = model.config.to_dict()
+        cfg.pop("quantization_config", None)  # the GGUF grid is gone once dequantized
+        cfg["dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _gguf_from_parts(parts: list[Path], digest: str) -> Path:
+    out = cache_dir() / "gguf" / f"{digest}.gguf"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as dst:
+        for p in parts:
+            with open(p, "rb") as src:
+                shutil.copyfileobj(src, dst, 1 << 22)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_model(cfg: ModelConfig) -> ResolvedModel:
+    """Find or build the safetensors folder for a recipe's model section."""
+    if isinstance(cfg.source, list):
+        parts = [resolve_path(p, "model part") for p in cfg.source]
+        h = hashlib.sha256()
+        for p in parts:
+            h.update(cached_sha256(p).encode())
+        digest = h.hexdigest()
+        target = cache_dir() / "models" / digest
+        if not (target / "config.json").exists():
+            gguf = _gguf_from_parts(parts, digest)
+            _convert_to_safetensors(str(gguf.parent), gguf.name, target, cfg.trust_remote_code)
+            gguf.unlink(missing_ok=True)
+        return ResolvedModel(target, digest, str(cfg.source), "gguf")
+
+    spec = cfg.source
+    looks_local = spec.startswith(("pkg:", "/", ".", "~")) or Path(spec).exists() or spec.endswith(".gguf")
+    if looks_local:
+        path = resolve_path(spec, "model")
+        gguf_file = cfg.gguf_file
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise InputError(f"model {spec}: a single file must be a .gguf; for a HF checkpoint give its folder")
+            path, gguf_file = path.parent, path.name
+        if gguf_file:
+            gpath = path / gguf_file
+            if not gpath.is_file():
+                raise InputError(f"model {spec}: GGUF file {gguf_file!r} not found in {path}")
+            digest = cached_sha256(gpath)
+            target = cache_dir() / "models" / digest
+            if not (target / "config.json").exists():
+                _convert_to_safetensors(str(path), gguf_file, target, cfg.trust_remote_code)
+            return ResolvedModel(target, digest, spec, "gguf")
+        if not (path / "config.json").is_file():
+            raise InputError(f"model {spec}: no config.json in {path}",
+                             hint="give a Hugging Face checkpoint folder, a .gguf file, or set model.gguf_file")
+        if not any(path.glob("*.safetensors")):
+            if not any(f.suffix in WEIGHT_SUFFIXES for f in path.iterdir()):
+                raise InputError(f"model {spec}: no weight files (*.safetensors, *.bin) in {path}")
+            digest = _folder_digest(path)
+            target = cache_dir() / "models" / digest
+            if not (target / "config.json").exists():
+                _convert_to_safetensors(str(path), None, target, cfg.trust_remote_code)
+            return ResolvedModel(target, digest, spec, "hf-folder")
+        return ResolvedModel(path, _folder_digest(path), spec, "hf-folder")
+
+    # A hub id: only reached with network access; never used by tests.
+    digest = hashlib.sha256(f"hub:{spec}@{cfg.revision or 'main'}".encode()).hexdigest()
+    target = cache_dir() / "models" / digest
+    if not (target / "config.json").exists():
+        _convert_to_safetensors(spec, cfg.gguf_file, target, cfg.trust_remote_code, cfg.revision)
+    return ResolvedModel(target, _folder_digest(target), spec, "hub")
