@@ -65,7 +65,8 @@ def load_documents(spec: str, text_field: str = "text") -> Documents:
     path = resolve_path(spec, "data")
     texts: list[str] = []
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | TABLE_SUFFIXES)
+        # .json inside a folder is metadata (datasets' dataset_info.json, state.json), not rows
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | TABLE_SUFFIXES - {".json"})
         for f in files:
             texts += _table_rows(f, text_field) if f.suffix in TABLE_SUFFIXES else [f.read_text(encoding="utf-8", errors="replace")]
     elif path.suffix in TABLE_SUFFIXES:

@@ -145,20 +145,16 @@ def build_skeleton(model_dir: Path, trust_remote_code: bool = False) -> nn.Modul
     return model
 
 
-def tied_aliases(model: nn.Module) -> dict[str, str]:
-    """Parameter name → the name of the parameter it is tied to (same object), for names that are
-    not the first occurrence."""
-    first: dict[int, str] = {}
-    alias: dict[str, str] = {}
+def tied_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """For each tied parameter name, every name of the same tensor (checkpoints keep only one of
+    them, and which one depends on the writer)."""
+    groups: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            alias[name] = first[id(p)]
-        else:
-            first[id(p)] = name
-    return alias
+        groups.setdefault(id(p), []).append(name)
+    return {n: names for names in groups.values() if len(names) > 1 for n in names}
 
 
-def materialize(model: nn.Module, prefix: str, store: WeightStore, aliases: dict[str, str] | None = None,
+def materialize(model: nn.Module, prefix: str, store: WeightStore, aliases: dict[str, list[str]] | None = None,
                 recurse: bool = True) -> None:
     """Load every parameter and persistent buffer under `prefix` from the store (in place)."""
     module = model.get_submodule(prefix) if prefix else model
@@ -170,8 +166,8 @@ def materialize(model: nn.Module, prefix: str, store: WeightStore, aliases: dict
             if p is None or not p.is_meta:
                 continue
             name = f"{full_mod}.{leaf}" if full_mod else leaf
-            key = name if name in store else aliases.get(name)
-            if key is None or key not in store:
+            key = next((k for k in [name, *aliases.get(name, [])] if k in store), None)
+            if key is None:
                 raise InputError(f"weight {name} is missing from the checkpoint {store.base}")
             sub._parameters[leaf] = nn.Parameter(store.get(key).to(p.dtype), requires_grad=False)
         for leaf, b in list(sub._buffers.items()):

@@ -50,6 +50,7 @@ class Plan:
     stages: list[StagePlan] = field(default_factory=list)
     quantized: dict[str, dict] = field(default_factory=dict)  # module → {bits, group_size, symmetric, transposed, stage}
     max_positions: int | None = None
+    tied: dict[str, str] = field(default_factory=dict)  # tied parameter name → its canonical (first) name
 
 
 def _resolve_targets(stage, linears: list[str], where: str) -> list[str]:
@@ -71,7 +72,7 @@ def make_plan(recipe: Recipe, model: ResolvedModel) -> Plan:
     """Everything that can be checked without touching weights: targets resolved to module names,
     every grid checked against the output format, sequence lengths against the model."""
     from kiln.arch import decoder_layout, in_out_features, is_linear, is_transposed
-    from kiln.model import build_skeleton
+    from kiln.model import build_skeleton, tied_aliases
 
     skeleton = build_skeleton(model.path, recipe.model.trust_remote_code)
     layout = decoder_layout(skeleton)
@@ -81,7 +82,8 @@ def make_plan(recipe: Recipe, model: ResolvedModel) -> Plan:
             i, o = in_out_features(mod)
             linears[name] = {"in_features": i, "out_features": o, "transposed": is_transposed(mod)}
     plan = Plan(recipe, model, layout.layers_path, layout.num_layers, linears,
-                max_positions=getattr(skeleton.config, "max_position_embeddings", None) or getattr(skeleton.config, "n_positions", None))
+                max_positions=getattr(skeleton.config, "max_position_embeddings", None) or getattr(skeleton.config, "n_positions", None),
+                tied={n: names[0] for n, names in tied_aliases(skeleton).items() if n != names[0]})
     del skeleton
 
     from kiln.artifact.formats import format_problems
@@ -282,7 +284,7 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
         with ctx.meter("artifact") as art_meter:
             tmp = artifact.staging_dir(target)
             try:
-                artifact.build_checkpoint(tmp, model.path, store, plan.quantized, recipe.output.format, out_dtype)
+                artifact.build_checkpoint(tmp, model.path, store, plan.quantized, recipe.output.format, out_dtype, plan.tied)
                 (tmp / "recipe.yaml").write_text(_recipe_yaml(recipe))
                 manifest = base_manifest()
                 manifest.update({

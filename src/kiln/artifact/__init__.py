@@ -60,8 +60,9 @@ def _save_sharded(tensors: dict[str, torch.Tensor], root: Path) -> None:
 
 
 def build_checkpoint(root: Path, model_dir: Path, store, quantized: dict[str, dict], fmt: OutputFormat,
-                     dtype: torch.dtype) -> None:
-    """Write config, tokenizer and weights. `quantized`: module name → {symmetric, transposed}."""
+                     dtype: torch.dtype, tied: dict[str, str]) -> None:
+    """Write config, tokenizer and weights. `quantized`: module name → {symmetric, transposed};
+    `tied`: tied names → the canonical name the tensor is written under (the input embedding)."""
     tensors: dict[str, torch.Tensor] = {}
     groups: dict[tuple, list[str]] = {}
     for name in store.keys():
@@ -75,7 +76,7 @@ def build_checkpoint(root: Path, model_dir: Path, store, quantized: dict[str, di
             groups.setdefault((q.bits, q.group_size, info["symmetric"]), []).append(mod)
             continue
         t = store.get(name)
-        tensors[name] = t.to(dtype) if t.is_floating_point() else t
+        tensors[tied.get(name, name)] = t.to(dtype) if t.is_floating_point() else t
     _save_sharded(tensors, root)
 
     cfg = json.loads((model_dir / "config.json").read_text())
@@ -142,7 +143,8 @@ def load_model(root: Path, verify_digests: bool = True):
         state[f"{m}.weight"] = W.T.contiguous() if meta["transposed"] else W
     model = build_skeleton(root)
     aliases = tied_aliases(model)
-    missing = [n for n in dict(model.named_parameters()) if n not in state and n not in aliases]
+    missing = [n for n in dict(model.named_parameters()) if n not in state
+               and not any(a in state for a in aliases.get(n, []))]
     if missing:
         raise ArtifactError(f"{root}: weights missing from the checkpoint: {missing[:5]}")
     model.load_state_dict(state, strict=False, assign=True)

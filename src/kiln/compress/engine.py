@@ -22,7 +22,7 @@ from torch import nn
 
 from kiln.arch import decoder_layout, in_out_features, is_transposed, weight_matrix, set_weight_matrix
 from kiln.compress.gptq import HessianNotPositiveDefinite
-from kiln.compress.hessian import HessianAccumulator
+from kiln.compress.hessian import HessianHooks
 from kiln.context import RunContext
 from kiln.errors import CompressionError
 from kiln.model import WeightStore, build_skeleton, materialize, release, save_overlay, tied_aliases
@@ -84,10 +84,12 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.T
     return LayerInputs(hidden, extras)
 
 
-def _run_layer(layer: nn.Module, inputs: LayerInputs, i: int) -> list[torch.Tensor]:
+def _run_layer(layer: nn.Module, inputs: LayerInputs, i: int, before_batch=None) -> list[torch.Tensor]:
     out = []
     with torch.no_grad():
         for h, (args, kwargs) in zip(inputs.hidden, inputs.extras[i]):
+            if before_batch is not None:
+                before_batch()
             y = layer(h, *args, **kwargs)
             out.append(y[0] if isinstance(y, tuple) else y)
     return out
@@ -127,23 +129,19 @@ def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str]
             materialize(model, lname, store, aliases)
             layer = layers[i]
             check_finite(layer, lname)
-            hessians: dict[str, HessianAccumulator] = {}
+            hooks = None
             if inputs is not None and names:
-                handles = []
-                for n_ in names:
-                    mod = model.get_submodule(n_)
-                    acc = hessians[n_] = HessianAccumulator(in_out_features(mod)[0])
-                    handles.append(mod.register_forward_hook(lambda m, a, o, acc=acc: acc.add(a[0].detach())))
+                mods = {n_: model.get_submodule(n_) for n_ in names}
+                hooks = HessianHooks(mods, {n_: in_out_features(m)[0] for n_, m in mods.items()})
                 try:
-                    _run_layer(layer, inputs, i)
+                    _run_layer(layer, inputs, i, before_batch=hooks.next_batch)
                 finally:
-                    for h in handles:
-                        h.remove()
+                    hooks.remove()
             quantized = {}
             for n_ in names:
                 mod = model.get_submodule(n_)
                 t0 = time.perf_counter()
-                H = hessians[n_].result() if n_ in hessians else None
+                H = hooks.hessian(n_) if hooks is not None else None
                 try:
                     qw, stats = stage.quantize_weight(weight_matrix(mod).float(), H, n_)
                 except HessianNotPositiveDefinite as exc:

@@ -37,16 +37,17 @@ class HessianNotPositiveDefinite(RuntimeError):
     pass
 
 
-def damped_cholesky_inverse(H: torch.Tensor, damp: float, name: str = "layer", tries: int = 4) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of H⁻¹ after adding damp·mean(diag H)·I; damping grows ×10 per failure.
+def damped_cholesky_inverse(H: torch.Tensor, damp: float, name: str = "layer", max_damp: float = 1.0) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of H⁻¹ after adding damp·mean(diag H)·I; damping grows ×10 per failure
+    up to `max_damp`.
 
     Returns (Hinv_upper, damp_used). Raises HessianNotPositiveDefinite naming the layer if even the
     largest damping leaves H singular (e.g. NaN activations)."""
     if not torch.isfinite(H).all():
         raise HessianNotPositiveDefinite(f"{name}: the Hessian of its inputs has NaN/inf entries")
     mean_diag = float(torch.diag(H).mean())
-    for attempt in range(tries):
-        lam = damp * 10**attempt
+    lam = damp
+    while lam <= max_damp * (1 + 1e-9):
         Hd = H.double() + lam * max(mean_diag, 1e-8) * torch.eye(H.shape[0], dtype=torch.float64)
         L, info = torch.linalg.cholesky_ex(Hd)
         if int(info) == 0:
@@ -54,8 +55,9 @@ def damped_cholesky_inverse(H: torch.Tensor, damp: float, name: str = "layer", t
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info) == 0 and torch.isfinite(U).all():
                 return U.float(), lam
+        lam *= 10
     raise HessianNotPositiveDefinite(
-        f"{name}: Hessian is not positive definite even with damping {damp * 10 ** (tries - 1):g}·mean(diag)"
+        f"{name}: Hessian is not positive definite even with damping {max_damp:g}·mean(diag)"
     )
 
 

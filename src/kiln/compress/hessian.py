@@ -1,24 +1,64 @@
-"""The one place that accumulates H = 2/n Σ x xᵀ from a linear layer's inputs (GPTQ, SparseGPT)."""
+"""The one place that accumulates H = 2/n Σ x xᵀ from linear layers' inputs (GPTQ, SparseGPT)."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 class HessianAccumulator:
-    """Running mean of 2·x xᵀ over every token row seen, in float64 for a stable sum over long runs."""
+    """Running mean of 2·x xᵀ over every token row seen (fp32, rescaled as n grows so the sum
+    never holds a large un-normalised total)."""
 
     def __init__(self, in_features: int):
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.H = torch.zeros(in_features, in_features)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, in)
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
         t = x.shape[0]
         self.H *= self.n / (self.n + t)
         self.n += t
         x = x * (2.0 / self.n) ** 0.5
-        self.H += x.T @ x
+        self.H.addmm_(x.T, x)
 
     def result(self) -> torch.Tensor:
-        return self.H.float()
+        return self.H
+
+
+class HessianHooks:
+    """Forward hooks that fill one accumulator per distinct input: linears fed the very same tensor
+    (q/k/v after one norm, gate/up) share it, so it is computed once."""
+
+    def __init__(self, modules: dict[str, nn.Module], in_features: dict[str, int]):
+        self.acc: dict[str, HessianAccumulator] = {}
+        self.owner: dict[str, str] = {}  # module → module whose accumulator holds its H
+        self._seen: dict[tuple, str] = {}
+        self._handles = [m.register_forward_hook(self._hook(n, in_features[n])) for n, m in modules.items()]
+
+    def _hook(self, name: str, in_features: int):
+        def fn(module, args, output):
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape))
+            if name in self.owner:
+                owner = self.owner[name]
+                if owner != name:
+                    return  # its owner accumulates this very tensor
+            elif key in self._seen:
+                self.owner[name] = self._seen[key]
+                return
+            else:
+                self.owner[name] = name
+            self._seen[key] = name
+            self.acc.setdefault(name, HessianAccumulator(in_features)).add(x.detach())
+        return fn
+
+    def next_batch(self) -> None:
+        self._seen.clear()
+
+    def hessian(self, name: str) -> torch.Tensor:
+        return self.acc[self.owner[name]].result()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()

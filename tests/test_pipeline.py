@@ -1,0 +1,141 @@
+"""Integration tier: tiny seeded models of every claimed architecture through the whole pipeline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import ARCHS, gptq_recipe, run_cli, run_json, write_recipe
+
+
+def _compressed_reference(artifact_dir, run_dir):
+    """Our own compressed model, assembled from the stage outputs (not from the artifact)."""
+    from kiln.model import WeightStore, load_full
+
+    manifest = json.loads((artifact_dir / "manifest.json").read_text())
+    src = manifest["source"]["origin"]
+    stage_files = sorted((run_dir / "stages").glob("*/layer-*.safetensors"))
+    dtype = getattr(torch, manifest["dtype"])
+    store = WeightStore(src, stage_files, round_to=dtype)
+    return load_full(src, store)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gptq_end_to_end(arch, tiny_models, tmp_path):
+    from kiln.artifact import load_model
+
+    model_dir = tiny_models(arch)
+    fmt = "kiln" if arch == "gpt2" else "compressed-tensors"  # GPT-2's Conv1D is not an nn.Linear
+    recipe = write_recipe(tmp_path / "r.yaml", gptq_recipe(model_dir, fmt=fmt))
+    out = run_json("run", str(recipe), "--out", str(tmp_path / "run"), "--quiet")
+
+    artifact = tmp_path / "run" / "artifact"
+    assert out["artifact"] == str(artifact)
+    (stage,) = out["stages"]
+    assert stage["kind"] == "gptq" and len(stage["modules"]) >= 8  # every linear of every layer
+    m = out["metrics"]
+    for variant in ("baseline", "compressed", "rtn"):
+        assert m[variant]["perplexity"]["wiki"] > 1.0
+    assert m["compressed"]["size_bytes"] < m["baseline"]["size_bytes"]
+
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["stages"][0]["modules"] == stage["modules"]
+    assert set(manifest["files"]) >= {"config.json", "recipe.yaml", "tokenizer.json"}
+
+    # The artifact, loaded back by compressed-tensors (or kiln's reader), is the model we evaluated.
+    loaded = load_model(artifact)
+    ours = _compressed_reference(artifact, tmp_path / "run")
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = loaded(ids).logits, ours(ids).logits
+    assert (a - b).abs().max() < 1e-4 * max(1.0, float(b.abs().max()))
+
+
+def test_rerun_does_no_work_and_resume_after_kill(tiny_models, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", gptq_recipe(tiny_models("llama")))
+    run_dir = tmp_path / "run"
+    first = run_json("run", str(recipe), "--out", str(run_dir), "--quiet")
+    digest_before = json.loads((run_dir / "artifact" / "manifest.json").read_text())["files"]
+    second = run_json("run", str(recipe), "--out", str(run_dir), "--quiet")
+    assert second["stages"][0]["cached"] is True
+    assert second["metrics"]["compressed"]["perplexity"] == first["metrics"]["compressed"]["perplexity"]
+    assert json.loads((run_dir / "artifact" / "manifest.json").read_text())["files"] == digest_before
+
+    # A run killed after compression (artifact and evaluation gone, a stale temp folder left behind)
+    shutil.rmtree(run_dir / "artifact")
+    shutil.rmtree(run_dir / "evals")
+    (run_dir / ".artifact.tmp-killed").mkdir()
+    third = run_json("run", str(recipe), "--out", str(run_dir), "--quiet")
+    assert third["stages"][0]["cached"] is True
+    assert third["metrics"]["compressed"]["perplexity"] == first["metrics"]["compressed"]["perplexity"]
+    assert run_cli("inspect", str(run_dir / "artifact"))[0] == 0
+
+
+def test_inspect_detects_a_tampered_file(tiny_models, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", gptq_recipe(tiny_models("qwen2")))
+    run_json("run", str(recipe), "--out", str(tmp_path / "run"), "--quiet")
+    artifact = tmp_path / "run" / "artifact"
+    code, out, _ = run_cli("inspect", str(artifact))
+    assert code == 0 and "verified" in out
+    with open(artifact / "config.json", "a") as f:
+        f.write(" ")
+    code, _, err = run_cli("inspect", str(artifact))
+    assert code == 7 and "sha256 mismatch: config.json" in err
+
+
+def test_group_size_that_does_not_divide_is_decided_per_format(tiny_models, tmp_path):
+    from kiln.artifact import load_model
+
+    model_dir = tiny_models("llama")  # in_features 64 (attention, up) and 128 (down)
+    bad = write_recipe(tmp_path / "ct.yaml", gptq_recipe(model_dir, group_size=48))
+    code, _, err = run_cli("run", str(bad), "--out", str(tmp_path / "ct"), "--quiet")
+    assert code == 3
+    assert "group_size 48 does not divide in_features=64 of model.layers.0.self_attn.q_proj" in err
+    assert "use one of 16, 32, 64" in err and "output.format: kiln" in err
+    assert not (tmp_path / "ct" / "artifact").exists()
+
+    ok = write_recipe(tmp_path / "kiln.yaml", gptq_recipe(model_dir, group_size=48, fmt="kiln"))
+    out = run_json("run", str(ok), "--out", str(tmp_path / "k"), "--quiet")
+    loaded = load_model(tmp_path / "k" / "artifact")
+    assert out["metrics"]["compressed"]["perplexity"]["wiki"] > 1
+    w = loaded.model.layers[0].mlp.down_proj.weight  # 128 = 2×48 + 32: a shorter last group
+    assert w.shape == (64, 128) and torch.isfinite(w).all()
+
+
+def test_asymmetric_and_rtn_stage(tiny_models, tmp_path):
+    from kiln.artifact import load_model
+
+    recipe = gptq_recipe(tiny_models("mistral"), kind="rtn", symmetric=False, bits=3, group_size=None)
+    recipe["data"].pop("calibration")
+    out = run_json("run", str(write_recipe(tmp_path / "r.yaml", recipe)), "--out", str(tmp_path / "run"), "--quiet")
+    assert out["stages"][0]["kind"] == "rtn"
+    # RTN with the same scheme is the reference: identical perplexity
+    assert out["metrics"]["compressed"]["perplexity"] == pytest.approx(out["metrics"]["rtn"]["perplexity"], rel=1e-6)
+    loaded = load_model(tmp_path / "run" / "artifact")
+    cfg = json.loads((tmp_path / "run" / "artifact" / "config.json").read_text())
+    (group,) = cfg["quantization_config"]["config_groups"].values()
+    assert group["weights"]["symmetric"] is False and group["weights"]["strategy"] == "channel"
+    assert loaded.model.layers[1].mlp.up_proj.weight.shape == (128, 64)
+
+
+def test_targets_and_ignore_resolve_to_concrete_names(tiny_models, tmp_path):
+    recipe = gptq_recipe(tiny_models("llama"))
+    recipe["compress"][0]["targets"] = ["*.mlp.*"]
+    recipe["compress"][0]["ignore"] = ["*.down_proj"]
+    out = run_json("run", str(write_recipe(tmp_path / "r.yaml", recipe)), "--out", str(tmp_path / "run"), "--quiet")
+    assert out["stages"][0]["modules"] == [
+        "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj",
+        "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+
+    recipe["compress"][0]["targets"] = ["*.nothing"]
+    code, _, err = run_cli("validate", str(write_recipe(tmp_path / "bad.yaml", recipe)))
+    assert code == 3 and "pattern '*.nothing' matches no linear layer" in err
+
+
+def test_validate_json(tiny_models, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", gptq_recipe(tiny_models("opt")))
+    out = run_json("validate", str(recipe))
+    assert out["valid"] and out["modules"] == {"compress[0]": 12}

@@ -1,0 +1,121 @@
+"""Unit tier: the quantization math on tiny tensors, judged by loss bounds and SQNR, never exact floats."""
+
+import pytest
+import torch
+
+from kiln.compress.gptq import HessianNotPositiveDefinite, damped_cholesky_inverse, gptq_quantize
+from kiln.compress.hessian import HessianAccumulator, HessianHooks
+from kiln.compress.quant import QuantScheme, dequantize, reconstruction_error, rtn_quantize, sqnr_db
+
+
+def correlated_problem(out=48, inp=96, tokens=1024, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out, inp, generator=g)
+    mix = torch.randn(inp, inp, generator=g) * 0.3 + torch.eye(inp)
+    X = torch.randn(tokens, inp, generator=g) @ mix  # correlated inputs, as in real layers
+    return W, 2 * X.T @ X / tokens
+
+
+SCHEMES = [
+    QuantScheme(bits=4, group_size=32, symmetric=True),
+    QuantScheme(bits=4, group_size=32, symmetric=False),
+    QuantScheme(bits=3, group_size=None, symmetric=False),
+    QuantScheme(bits=8, group_size=None, symmetric=True),
+    QuantScheme(bits=2, group_size=16, symmetric=False),
+    QuantScheme(bits=4, group_size=40, symmetric=True),  # 96 = 2×40 + 16: a shorter last group
+]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label())
+def test_rtn_codes_lie_on_the_grid(scheme):
+    W, _ = correlated_problem()
+    q = rtn_quantize(W, scheme)
+    assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= scheme.maxq
+    assert q.scale.shape == (W.shape[0], scheme.groups(W.shape[1]))
+    if scheme.symmetric:
+        assert bool((q.zero == 2 ** (scheme.bits - 1)).all())
+    # each extra bit buys ~6 dB; 2-bit still keeps the sign of most weights
+    assert sqnr_db(W, q.dequantize()) > 6.0 * scheme.bits - 8
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label())
+def test_gptq_reconstruction_loss_below_rtn(scheme, act_order):
+    W, H = correlated_problem()
+    rtn = rtn_quantize(W, scheme).dequantize()
+    q, stats = gptq_quantize(W, H, scheme, block_size=32, act_order=act_order)
+    err_rtn = reconstruction_error(W, rtn, H)
+    err_gptq = reconstruction_error(W, q.dequantize(), H)
+    assert err_gptq < 0.9 * err_rtn, (err_gptq, err_rtn)
+    assert stats["loss"] > 0 and stats["damp"] == pytest.approx(0.01)
+
+
+def test_gptq_on_a_linear_layer_reduces_output_error():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 12, bias=False)
+    X = torch.randn(256, 32) @ (torch.randn(32, 32) * 0.5 + torch.eye(32))
+    acc = HessianAccumulator(32)
+    acc.add(X[:100])
+    acc.add(X[100:])
+    H = acc.result()
+    assert torch.allclose(H, 2 * X.T @ X / 256, rtol=1e-4, atol=1e-4)
+    scheme = QuantScheme(bits=3, group_size=16)
+    q, _ = gptq_quantize(lin.weight.data, H, scheme)
+    y = X @ lin.weight.data.T
+    err_gptq = (X @ q.dequantize().T - y).pow(2).mean()
+    err_rtn = (X @ rtn_quantize(lin.weight.data, scheme).dequantize().T - y).pow(2).mean()
+    assert err_gptq < err_rtn
+
+
+def test_act_order_keeps_static_groups():
+    """With act-order the grid of each group is fixed up front from the original columns, so the
+    stored (scale, zero) are those of RTN and no g_idx is needed at inference."""
+    W, H = correlated_problem()
+    scheme = QuantScheme(bits=4, group_size=32)
+    q, _ = gptq_quantize(W, H, scheme, act_order=True)
+    r = rtn_quantize(W, scheme)
+    assert torch.allclose(q.scale, r.scale) and torch.equal(q.zero, r.zero)
+
+
+def test_dead_columns_are_zeroed():
+    W, H = correlated_problem()
+    H[5, :] = 0
+    H[:, 5] = 0
+    q, _ = gptq_quantize(W, H, QuantScheme(bits=4, group_size=32))
+    assert float(q.dequantize()[:, 5].abs().max()) == 0.0
+
+
+def test_singular_hessian_is_rescued_by_damping():
+    W, _ = correlated_problem(tokens=16)  # 16 tokens, 96 columns: H has rank 16
+    X = torch.randn(16, 96)
+    H = 2 * X.T @ X / 16
+    U, damp = damped_cholesky_inverse(H, 1e-12, "l")
+    assert torch.isfinite(U).all() and damp >= 1e-12
+
+
+def test_non_finite_hessian_names_the_layer():
+    H = torch.eye(8)
+    H[0, 0] = float("nan")
+    with pytest.raises(HessianNotPositiveDefinite, match="model.layers.3.mlp.down_proj"):
+        damped_cholesky_inverse(H, 0.01, "model.layers.3.mlp.down_proj")
+
+
+def test_dequantize_uses_each_columns_group():
+    codes = torch.tensor([[0, 1, 2, 3, 4]], dtype=torch.uint8)
+    scale = torch.tensor([[1.0, 10.0, 100.0]])
+    zero = torch.tensor([[1, 1, 1]], dtype=torch.uint8)
+    out = dequantize(codes, scale, zero, group_size=2)
+    assert out.tolist() == [[-1.0, 0.0, 10.0, 20.0, 300.0]]
+
+
+def test_shared_inputs_share_one_hessian():
+    torch.manual_seed(0)
+    q, k, down = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4), torch.nn.Linear(4, 8)
+    hooks = HessianHooks({"q": q, "k": k, "down": down}, {"q": 8, "k": 8, "down": 4})
+    for _ in range(3):
+        hooks.next_batch()
+        x = torch.randn(5, 8)
+        q(x), k(x), down(q(x) * 0 + torch.randn(5, 4))
+    hooks.remove()
+    assert hooks.owner["k"] == "q" and hooks.hessian("k") is hooks.hessian("q")
+    assert hooks.hessian("down").shape == (4, 4)
