@@ -10,11 +10,17 @@ the format at plan time.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+
+class Observer(str, enum.Enum):
+    minmax = "minmax"  # the grid spans each group's min and max
+    mse = "mse"  # the grid shrinks towards zero while that lowers the group's squared error
 
 
 class QuantScheme(BaseModel):
@@ -25,6 +31,7 @@ class QuantScheme(BaseModel):
     bits: int = Field(4, ge=2, le=8)
     group_size: int | None = Field(128, ge=8)
     symmetric: bool = True
+    observer: Observer = Observer.minmax
 
     @property
     def maxq(self) -> int:
@@ -38,7 +45,8 @@ class QuantScheme(BaseModel):
 
     def label(self) -> str:
         g = "channel" if self.group_size is None else f"g{self.group_size}"
-        return f"w{self.bits}-{g}-{'sym' if self.symmetric else 'asym'}"
+        obs = "" if self.observer is Observer.minmax else f"-{self.observer.value}"
+        return f"w{self.bits}-{g}-{'sym' if self.symmetric else 'asym'}{obs}"
 
 
 @dataclass
@@ -63,21 +71,39 @@ def group_index(in_features: int, group_size: int | None) -> torch.Tensor:
     return torch.arange(in_features) // group_size
 
 
+def _minmax(wmin: torch.Tensor, wmax: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    if scheme.symmetric:
+        half = 2 ** (scheme.bits - 1)
+        scale = (torch.maximum(-wmin, wmax) / (half - 1)).clamp(min=1e-8)
+        return scale, torch.full_like(scale, float(half))
+    scale = ((wmax - wmin) / scheme.maxq).clamp(min=1e-8)
+    return scale, torch.round(-wmin / scale).clamp(0, scheme.maxq)
+
+
+MSE_SHRINK = torch.linspace(1.0, 0.5, 26)  # candidate range factors for the mse observer
+
+
 def grid_params(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min/max grid for the columns in `w` (out, k): returns scale (out,), zero (out,) as float.
+    """Grid for the columns in `w` (out, k): returns scale (out,), zero (out,) as float.
 
     The zero point is kept integral so that the grid contains exact integers the formats can store.
+    With the mse observer each row keeps the shrink factor p of its range that minimises
+    Σ (w - q(w))², the clipping search of GPTQ's reference code.
     """
-    if scheme.symmetric:
-        amax = w.abs().amax(dim=1).clamp(min=1e-8)  # (out,)
-        half = 2 ** (scheme.bits - 1)
-        scale = amax / (half - 1)
-        zero = torch.full_like(scale, float(half))
-    else:
-        wmin = w.amin(dim=1).clamp(max=0.0)
-        wmax = w.amax(dim=1).clamp(min=0.0)
-        scale = ((wmax - wmin) / scheme.maxq).clamp(min=1e-8)
-        zero = torch.round(-wmin / scale).clamp(0, scheme.maxq)
+    wmin = w.amin(dim=1).clamp(max=0.0)  # (out,)
+    wmax = w.amax(dim=1).clamp(min=0.0)
+    scale, zero = _minmax(wmin, wmax, scheme)
+    if scheme.observer is Observer.minmax:
+        return scale, zero
+    best = torch.full_like(scale, float("inf"))
+    for p in MSE_SHRINK:
+        s, z = _minmax(p * wmin, p * wmax, scheme)
+        q = (quantize_column(w, s[:, None], z[:, None], scheme.maxq) - z[:, None]) * s[:, None]
+        err = (w - q).pow(2).sum(dim=1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
     return scale, zero
 
 
