@@ -25,6 +25,88 @@ DECODER_LAYERS = {
 }
 
 
+# model_type → (preceding op, the linears it feeds), relative to a decoder layer, in forward order.
+# AWQ and SmoothQuant fold per-channel scales into the preceding op, so it must be linear in each
+# channel: a norm's weight, V through attention, or a linear feeding a positively homogeneous op
+# (ReLU, or the `up` factor of act(gate) * up). GPT-2's fused c_attn and GELU MLP have no such link.
+_LLAMA_GROUPS = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.v_proj", ("self_attn.o_proj",)),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
+SMOOTHING_GROUPS = {
+    "llama": _LLAMA_GROUPS,
+    "mistral": _LLAMA_GROUPS,
+    "qwen2": _LLAMA_GROUPS,
+    "qwen3": _LLAMA_GROUPS,
+    "gemma3_text": (
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.o_proj",)),
+        ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ("mlp.up_proj", ("mlp.down_proj",)),
+    ),
+    "gpt2": (("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
+    "opt": (
+        ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.out_proj",)),
+        ("final_layer_norm", ("fc1",)),
+        ("fc1", ("fc2",)),  # ReLU between them
+    ),
+}
+
+
+@dataclass(frozen=True)
+class SmoothingGroup:
+    prev: str  # full module name of the op whose output channels absorb 1/s
+    linears: tuple[str, ...]  # full names of the linears whose input columns absorb s
+
+
+def smoothing_groups(model: nn.Module, layout: "DecoderLayout", index: int, trace=None) -> list[SmoothingGroup]:
+    """The norm→linear (and linear→linear) groups of decoder layer `index`: from the family table,
+    or, for a family not in it, inferred by `trace()` (one forward of the layer) matching which
+    linears consume a norm's output tensor."""
+    prefix = layout.layer_name(index)
+    table = SMOOTHING_GROUPS.get(model.config.model_type)
+    layer = model.get_submodule(prefix)
+    if table is None:
+        return infer_norm_groups(layer, prefix, model.config.model_type, trace)
+    groups = []
+    for prev, linears in table:
+        p = layer.get_submodule(prev)
+        outs = {in_out_features(layer.get_submodule(l))[0] for l in linears}
+        width = in_out_features(p)[1] if is_linear(p) else p.weight.shape[0]
+        if outs != {width}:
+            continue  # e.g. V → O under grouped-query attention: V has fewer channels than O's input
+        groups.append(SmoothingGroup(f"{prefix}.{prev}", tuple(f"{prefix}.{l}" for l in linears)))
+    return groups
+
+
+def infer_norm_groups(layer: nn.Module, prefix: str, model_type: str, trace) -> list[SmoothingGroup]:
+    """Run the layer once (`trace`) and match each linear's input tensor with a norm module's output
+    tensor. Raises naming the linears when no norm feeds any of them."""
+    norms = {n: m for n, m in layer.named_modules() if "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None}
+    linears = {n: m for n, m in layer.named_modules() if is_linear(m)}
+    produced: dict[int, str] = {}
+    consumers: dict[str, list[str]] = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: produced.__setitem__(id(out), n)) for n, m in norms.items()]
+    hooks += [m.register_forward_pre_hook(lambda mod, a, n=n: consumers.setdefault(produced.get(id(a[0]), ""), []).append(n))
+              for n, m in linears.items()]
+    try:
+        if trace is None:
+            raise RecipeError(f"model type {model_type!r}: no norm→linear table and no calibration forward to infer one",
+                              hint="add the family to kiln.arch.SMOOTHING_GROUPS")
+        trace()
+    finally:
+        for h in hooks:
+            h.remove()
+    groups = [SmoothingGroup(f"{prefix}.{norm}", tuple(f"{prefix}.{l}" for l in ls)) for norm, ls in consumers.items() if norm]
+    if not groups:
+        raise RecipeError(f"model type {model_type!r}: could not infer which norm feeds which linear in {prefix} "
+                          f"(linears: {', '.join(linears)})", hint="add the family to kiln.arch.SMOOTHING_GROUPS")
+    return groups
+
+
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear, or transformers' Conv1D (GPT-2), whose weight is stored transposed (in, out)."""
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"

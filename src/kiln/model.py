@@ -90,17 +90,19 @@ class WeightStore:
         return self._round(self._raw(name))
 
 
-def save_overlay(path: Path, tensors: dict[str, torch.Tensor], quantized: dict[str, tuple[QuantizedWeight, bool]]) -> None:
-    """Write one stage's changed tensors. `quantized` maps weight name → (codes+grid, transposed)."""
+def save_overlay(path: Path, tensors: dict[str, torch.Tensor], quantized: dict[str, tuple]) -> None:
+    """Write one stage's changed tensors. `quantized` maps weight name → (codes+grid, transposed[,
+    activation scheme or None])."""
     from safetensors.torch import save_file
 
     out = {k: v.detach().contiguous() for k, v in tensors.items()}
     meta = {}
-    for name, (q, transposed) in quantized.items():
+    for name, (q, transposed, *act) in quantized.items():
         out[name + ".qcodes"] = q.codes.contiguous()
         out[name + ".qscale"] = q.scale.float().contiguous()
         out[name + ".qzero"] = q.zero.contiguous()
-        meta[name] = {"bits": q.bits, "group_size": q.group_size, "symmetric": q.symmetric, "transposed": transposed}
+        meta[name] = {"bits": q.bits, "group_size": q.group_size, "symmetric": q.symmetric, "transposed": transposed,
+                      "activation_bits": act[0].bits if act and act[0] is not None else None}
     save_file(out, str(path), metadata={"kiln_quant": json.dumps(meta)})
 
 

@@ -51,6 +51,7 @@ class Plan:
     quantized: dict[str, dict] = field(default_factory=dict)  # module → {bits, group_size, symmetric, transposed, stage}
     max_positions: int | None = None
     tied: dict[str, str] = field(default_factory=dict)  # tied parameter name → its canonical (first) name
+    sparse: dict[str, int] = field(default_factory=dict)  # pruned module → index of the stage that pruned it
 
 
 def _resolve_targets(stage, linears: list[str], where: str) -> list[str]:
@@ -66,6 +67,42 @@ def _resolve_targets(stage, linears: list[str], where: str) -> list[str]:
     if not chosen:
         raise RecipeError(f"{where}: targets minus ignore leaves no layer to compress")
     return sorted(chosen, key=lambda n: (n.split(".")[:-2], n))
+
+
+def _check_composition(where: str, module: str, stage, earlier: list[tuple[int, object]]) -> None:
+    """A stage must not destroy what an earlier stage built on the same layer: a quantization grid
+    (anything that rewrites or rescales the weights after it, except training that keeps the codes)
+    or a sparsity mask (pruning again)."""
+    for k, prev in earlier:
+        if prev.quantizes and stage.role != "training":
+            raise RecipeError(f"{where} ({stage.kind}) would move {module} off the grid compress[{k}] ({prev.kind}) "
+                              "quantized it to", hint="quantize last (distill may follow), or use ignore: to split layers")
+        if prev.sparsifies and stage.sparsifies:
+            raise RecipeError(f"{where} ({stage.kind}): {module} was already pruned by compress[{k}]",
+                              hint="prune each layer once")
+    smoothing = [(k, p) for k, p in earlier if p.role == "smoothing"]
+    if smoothing and stage.quantizes:
+        k, prev = smoothing[-1]
+        searched = getattr(prev, "scheme", None)
+        if searched is not None and searched != stage.quant_scheme:
+            raise RecipeError(f"{where}: {module} is quantized with {stage.quant_scheme.label()} but compress[{k}] "
+                              f"({prev.kind}) searched its scales for {searched.label()}",
+                              hint="use the same scheme in both stages")
+
+
+def _shape_problems(stage, targets: list[str], linears: dict[str, dict]) -> list[str]:
+    out = []
+    nm = getattr(stage, "nm", None)
+    if nm is not None:
+        m = nm[1]
+        out += [f"{t}: {stage.pattern} sparsity needs in_features divisible by {m} (it has {linears[t]['in_features']}); "
+                f"ignore this layer or use unstructured sparsity" for t in targets if linears[t]["in_features"] % m]
+    act = stage.act_scheme
+    s = stage.quant_scheme
+    if act is not None and (s.bits != 8 or s.group_size is not None or not s.symmetric):
+        out.append(f"activations: int8 activations need int8 symmetric per-channel weights "
+                   f"(scheme: {{bits: 8, group_size: null, symmetric: true}}), got {s.label()}")
+    return out
 
 
 def make_plan(recipe: Recipe, model: ResolvedModel) -> Plan:
@@ -89,21 +126,32 @@ def make_plan(recipe: Recipe, model: ResolvedModel) -> Plan:
     from kiln.artifact.formats import format_problems
 
     problems: list[str] = []
+    history: dict[str, list[tuple[int, object]]] = {}  # module → [(stage index, config)] in order
     for k, stage in enumerate(recipe.compress):
         where = f"compress[{k}]"
         targets = _resolve_targets(stage, list(linears), where)
         plan.stages.append(StagePlan(k, stage, targets))
+        for t in targets:
+            _check_composition(where, t, stage, history.get(t, []))
+            history.setdefault(t, []).append((k, stage))
+        if stage.sparsifies:
+            plan.sparse.update({t: k for t in targets})
         if stage.quantizes:
+            s = stage.quant_scheme
+            act = stage.act_scheme
             for t in targets:
-                if t in plan.quantized:
-                    raise RecipeError(f"{where}: {t} is already quantized by compress[{plan.quantized[t]['stage']}]",
-                                      hint="quantize each layer once; use ignore: to split layers between stages")
-                s = stage.scheme
                 info = linears[t]
                 plan.quantized[t] = {"bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric,
-                                     "transposed": info["transposed"], "stage": k}
+                                     "transposed": info["transposed"], "stage": k,
+                                     "activation_bits": act.bits if act is not None else None}
                 problems += [f"{where}: {p}" for p in format_problems(recipe.output.format, t, info["in_features"],
                                                                         s.group_size, info["transposed"])]
+        problems += [f"{where}: {p}" for p in _shape_problems(stage, targets, linears)]
+    for t, hist in history.items():
+        k, last = hist[-1]
+        if last.role == "smoothing":
+            raise RecipeError(f"compress[{k}] ({last.kind}) is the last stage touching {t}: it only rescales",
+                              hint="add an rtn or gptq stage after it for the same layers")
     if problems:
         shown = problems[:6] + ([f"... and {len(problems) - 6} more"] if len(problems) > 6 else [])
         raise RecipeError(f"output.format {recipe.output.format.value!r} cannot store this plan:\n  " + "\n  ".join(shown))
@@ -135,7 +183,7 @@ def _atomic_dir(target: Path, build) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run_stage(plan: Plan, sp: StagePlan, store, calib, run_dir: Path, ctx: RunContext) -> dict:
+def _run_stage(plan: Plan, sp: StagePlan, store, calib, run_dir: Path, ctx: RunContext, label: str = "compress") -> dict:
     from kiln.compress.engine import run_layerwise
 
     stage_dir = run_dir / "stages" / sp.dirname
@@ -146,15 +194,21 @@ def _run_stage(plan: Plan, sp: StagePlan, store, calib, run_dir: Path, ctx: RunC
         return result
 
     def build(tmp: Path) -> None:
-        with ctx.meter(f"compress[{sp.index}]") as m:
-            out = run_layerwise(plan.model.path, store, sp.config, sp.targets, calib, tmp, ctx,
-                                trust_remote_code=plan.recipe.model.trust_remote_code)
+        with ctx.meter(f"{label}[{sp.index}]") as m:
+            sparse = frozenset(t for t, k in plan.sparse.items() if k < sp.index)
+            if sp.config.role == "training":
+                from kiln.compress.distill import run_distill
+
+                out = run_distill(plan, store, sp.config, sp.targets, calib, tmp, ctx, sparse)
+            else:
+                out = run_layerwise(plan.model.path, store, sp.config, sp.targets, calib, tmp, ctx,
+                                    trust_remote_code=plan.recipe.model.trust_remote_code, sparse=sparse)
         result = {"index": sp.index, "kind": sp.config.kind, "key": sp.key,
                   "config": sp.config.model_dump(mode="json"), "modules": sp.targets,
                   "module_stats": out.modules, "files": [f.name for f in out.files], **m.as_dict()}
         (tmp / "result.json").write_text(json.dumps(result, indent=2))
 
-    ctx.log(f"[bold]compress[{sp.index}][/bold] {sp.config.kind}: {len(sp.targets)} layers")
+    ctx.log(f"[bold]{label}[{sp.index}][/bold] {sp.config.kind}: {len(sp.targets)} layers")
     _atomic_dir(stage_dir, build)
     result = json.loads(result_file.read_text())
     result["cached"] = False
@@ -263,9 +317,10 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
             for sp in plan.stages:
                 if not sp.config.quantizes:
                     continue
-                ref = StagePlan(sp.index, RTNConfig(scheme=sp.config.scheme, targets=sp.targets), sp.targets)
+                ref = StagePlan(sp.index, RTNConfig(scheme=sp.config.quant_scheme, activations=sp.config.act_scheme,
+                                                    targets=sp.targets), sp.targets)
                 ref.key = ref_prev = _key(ref_prev, ref.config.model_dump(mode="json"))
-                res = _run_stage(plan, ref, ref_store, None, out_dir / "reference", ctx)
+                res = _run_stage(plan, ref, ref_store, None, out_dir / "reference", ctx, label="rtn-reference")
                 ref_store = ref_store.with_overlays([out_dir / "reference" / "stages" / ref.dirname / f for f in res["files"]])
             metrics["rtn"] = _evaluate("rtn", _key(ref_prev, eval_digests, recipe.output.dtype.value), plan,
                                        ref_store.rounded(out_dtype), eval_sets, out_dir, ctx)

@@ -95,9 +95,59 @@ def _run_layer(layer: nn.Module, inputs: LayerInputs, i: int, before_batch=None)
     return out
 
 
+def _forward_order(layer: nn.Module, mods: dict[str, nn.Module], inputs: LayerInputs, i: int) -> list[list[str]]:
+    """Group `mods` into steps: linears fed the very same tensor form one step, steps in the order the
+    forward reaches them (q/k/v, o, gate/up, down). Probed on the first calibration batch."""
+    order: list[str] = []
+    feeds: dict[str, tuple] = {}
+
+    def hook(name):
+        def fn(module, args):
+            if name not in feeds:
+                order.append(name)
+                feeds[name] = (args[0].data_ptr(), tuple(args[0].shape))
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in mods.items()]
+    try:
+        one = LayerInputs(inputs.hidden[:1], [[] for _ in inputs.extras])
+        one.extras[i] = inputs.extras[i][:1]
+        _run_layer(layer, one, i)
+    finally:
+        for h in handles:
+            h.remove()
+    steps: list[list[str]] = []
+    for n in order:
+        if steps and feeds[steps[-1][0]] == feeds[n]:
+            steps[-1].append(n)
+        else:
+            steps.append([n])
+    return steps + [[n] for n in mods if n not in feeds]  # never reached (should not happen): last
+
+
+def _collect_inputs(layer: nn.Module, module: nn.Module, inputs: LayerInputs, i: int, max_tokens: int) -> torch.Tensor:
+    """The rows (tokens, in) entering `module` over the calibration set, evenly thinned to `max_tokens`."""
+    rows: list[torch.Tensor] = []
+    handle = module.register_forward_pre_hook(lambda m, a: rows.append(a[0].detach().reshape(-1, a[0].shape[-1]).float()))
+    try:
+        _run_layer(layer, inputs, i)
+    finally:
+        handle.remove()
+    X = torch.cat(rows)
+    if X.shape[0] > max_tokens:
+        X = X[torch.linspace(0, X.shape[0] - 1, max_tokens).long()]
+    return X
+
+
 def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str], calib: torch.Tensor | None,
-                  out_dir: Path, ctx: RunContext, batch_size: int = 8, trust_remote_code: bool = False) -> StageOutput:
-    """Apply a weight-rewriting `stage` (quantize_weight(W, H, name)) to the `targets` linears."""
+                  out_dir: Path, ctx: RunContext, batch_size: int = 8, trust_remote_code: bool = False,
+                  sparse: frozenset[str] = frozenset()) -> StageOutput:
+    """Apply `stage` to the `targets` linears, one decoder layer at a time.
+
+    "weights" stages get (W, H, name, keep) per linear; "smoothing" stages get each norm→linear group
+    with the inputs that group sees. `sparse` names linears an earlier stage pruned: their zeros are
+    passed on as `keep` masks so that later stages do not fill them in. Every tensor of the layer the
+    stage changed is written to `out_dir/layer-NNN.safetensors` (quantized weights as codes + grid)."""
     model = build_skeleton(model_dir, trust_remote_code)
     aliases = tied_aliases(model)
     layout = decoder_layout(model)
@@ -129,35 +179,70 @@ def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str]
             materialize(model, lname, store, aliases)
             layer = layers[i]
             check_finite(layer, lname)
-            hooks = None
-            if inputs is not None and names:
-                mods = {n_: model.get_submodule(n_) for n_ in names}
-                hooks = HessianHooks(mods, {n_: in_out_features(m)[0] for n_, m in mods.items()})
-                try:
-                    _run_layer(layer, inputs, i, before_batch=hooks.next_batch)
-                finally:
-                    hooks.remove()
-            quantized = {}
-            for n_ in names:
-                mod = model.get_submodule(n_)
-                t0 = time.perf_counter()
-                H = hooks.hessian(n_) if hooks is not None else None
-                try:
-                    qw, stats = stage.quantize_weight(weight_matrix(mod).float(), H, n_)
-                except HessianNotPositiveDefinite as exc:
-                    raise CompressionError(str(exc), hint="add calibration samples, raise `damp`, or ignore this layer") from None
-                set_weight_matrix(mod, qw.dequantize())
-                quantized[n_ + ".weight"] = (qw, is_transposed(mod))
-                out.modules[n_] = {"seconds": round(time.perf_counter() - t0, 4), **(stats or {})}
+            before = {k: v.clone() for k, v in layer.state_dict().items()}
+            quantized: dict[str, tuple] = {}
+            if names and stage.role == "weights":
+                _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out)
+            elif names and stage.role == "smoothing":
+                _smoothing_stage(model, layout, layer, i, set(names), stage, inputs, out)
             if inputs is not None:
                 inputs.hidden = _run_layer(layer, inputs, i)
                 if not all(torch.isfinite(h).all() for h in inputs.hidden):
                     raise CompressionError(f"{lname}: its outputs became NaN/inf after {stage.kind}",
                                            hint="check the source weights; try more damping or fewer bits")
-            if quantized:
+            dense = {f"{lname}.{k}": v for k, v in layer.state_dict().items()
+                     if f"{lname}.{k}" not in quantized and not torch.equal(v, before[k])}
+            if quantized or dense:
                 f = out_dir / f"layer-{i:03d}.safetensors"
-                save_overlay(f, {}, quantized)
+                save_overlay(f, dense, quantized)
                 out.files.append(f)
             release(model, lname)
             advance()
     return out
+
+
+def _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out) -> None:
+    mods = {n_: model.get_submodule(n_) for n_ in names}
+    if inputs is None:
+        steps = [names]
+    elif getattr(stage, "sequential", False):
+        steps = _forward_order(layer, mods, inputs, i)
+    else:
+        steps = [names]
+    for step in steps:
+        hooks = None
+        if inputs is not None:
+            hooks = HessianHooks({n_: mods[n_] for n_ in step}, {n_: in_out_features(mods[n_])[0] for n_ in step})
+            try:
+                _run_layer(layer, inputs, i, before_batch=hooks.next_batch)
+            finally:
+                hooks.remove()
+        for n_ in step:
+            mod = mods[n_]
+            t0 = time.perf_counter()
+            H = hooks.hessian(n_) if hooks is not None else None
+            W = weight_matrix(mod).float()
+            keep = (W != 0) if n_ in sparse else None
+            try:
+                res = stage.process_weight(W, H, n_, keep)
+            except HessianNotPositiveDefinite as exc:
+                raise CompressionError(str(exc), hint="add calibration samples, raise `damp`, or ignore this layer") from None
+            set_weight_matrix(mod, res.weight)
+            if res.quantized is not None:
+                quantized[n_ + ".weight"] = (res.quantized, is_transposed(mod), stage.act_scheme)
+            out.modules[n_] = {"seconds": round(time.perf_counter() - t0, 4), **res.stats}
+
+
+def _smoothing_stage(model, layout, layer, i, names: set[str], stage, inputs, out) -> None:
+    from kiln.arch import smoothing_groups
+
+    groups = smoothing_groups(model, layout, i, trace=lambda: _run_layer(layer, LayerInputs(inputs.hidden[:1], {i: inputs.extras[i][:1]}), i))
+    for g in groups:
+        if not names.intersection(g.linears):
+            continue
+        t0 = time.perf_counter()
+        linears = {n_: model.get_submodule(n_) for n_ in g.linears}
+        X = _collect_inputs(layer, linears[g.linears[0]], inputs, i, stage.max_tokens)
+        stats = stage.smooth(model.get_submodule(g.prev), g.prev, linears, X, names)
+        for n_ in g.linears:
+            out.modules.setdefault(n_, {}).update({"smoothed_by": g.prev, "seconds": round(time.perf_counter() - t0, 4), **stats})

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kiln.compress.base import StageConfig
+from kiln.compress.base import ActScheme, StageConfig, WeightResult
 from kiln.compress.quant import QuantizedWeight, QuantScheme, grid_for_weight, grid_params, quantize_column
 
 
@@ -26,11 +26,25 @@ class GPTQConfig(StageConfig):
         "so the stored grid is the ordinary one and no g_idx is needed at inference"
     )
 
-    needs_calibration = True
-    quantizes = True
+    sequential: bool = Field(
+        True, description="within a decoder layer, quantize groups of linears in forward order and take each "
+        "group's Hessian from inputs that already went through the quantized groups before it"
+    )
+    activations: ActScheme | None = Field(None, description="also quantize inputs at inference (W8A8)")
 
-    def quantize_weight(self, W: torch.Tensor, H: torch.Tensor, name: str) -> tuple[QuantizedWeight, dict]:
-        return gptq_quantize(W, H, self.scheme, self.block_size, self.damp, self.act_order, name=name)
+    needs_calibration = True
+
+    @property
+    def quant_scheme(self) -> QuantScheme:
+        return self.scheme
+
+    @property
+    def act_scheme(self) -> ActScheme | None:
+        return self.activations
+
+    def process_weight(self, W: torch.Tensor, H: torch.Tensor, name: str, keep: torch.Tensor | None = None) -> WeightResult:
+        q, stats = gptq_quantize(W, H, self.scheme, self.block_size, self.damp, self.act_order, name=name, keep=keep)
+        return WeightResult(q.dequantize(), q, stats)
 
 
 class HessianNotPositiveDefinite(RuntimeError):
@@ -78,10 +92,17 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = True,
     name: str = "layer",
+    keep: torch.Tensor | None = None,
 ) -> tuple[QuantizedWeight, dict]:
     """Quantize W (out, in) given H (in, in). Returns codes on `scheme`'s grid and stats
-    (`loss`: Σ (w - q)² / [H⁻¹]_ii / 2, the paper's objective; `damp`: damping used)."""
+    (`loss`: Σ (w - q)² / [H⁻¹]_ii / 2, the paper's objective; `damp`: damping used).
+
+    `keep` (bool, out × in) marks the weights an earlier pruning stage kept: the others are fixed to
+    the code that dequantizes to exactly 0 (the zero point is integral), and the drift the updates gave
+    them is compensated like any other rounding error."""
     W = W.detach().float().clone()
+    if keep is not None:
+        W[~keep] = 0.0
     H = H.detach().float().clone()
     rows, cols = W.shape
     width = scheme.group_width(cols)
@@ -101,6 +122,7 @@ def gptq_quantize(
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
     W = W[:, perm]
     H = H[perm][:, perm]
+    pruned = None if keep is None else ~keep[:, perm]
     Hinv, damp_used = damped_cholesky_inverse(H, damp, name)
 
     codes = torch.zeros_like(W)
@@ -122,6 +144,8 @@ def gptq_quantize(
             w = W1[:, i]
             d = Hinv1[i, i]
             q_code = quantize_column(w, s, z, scheme.maxq)
+            if pruned is not None:
+                q_code = torch.where(pruned[:, col], z, q_code)
             q = (q_code - z) * s
             codes[:, col] = q_code
             err = (w - q) / d  # (rows,)

@@ -1,0 +1,58 @@
+"""SmoothQuant: migrate the quantization difficulty from activations to weights.
+
+Xiao et al., "SmoothQuant: Accurate and Efficient Post-Training Quantization for Large Language
+Models", arXiv:2211.10438. LLM activations have a few input channels with outliers ~100× the rest,
+so per-token int8 activations waste almost all their levels on those channels; weights are flat and
+easy to quantize. With a per-input-channel s > 0, Y = X Wᵀ = (X diag(s)⁻¹)(W diag(s))ᵀ: dividing
+channel j of X by s_j and multiplying column j of W by s_j leaves the product unchanged (eq. 3).
+Choosing s_j = max|X_j|^α / max|W_:j|^(1−α) (eq. 4) balances the two: α = 1 moves all of a channel's
+range into the weights, α = 0 none of it (the weights' ranges are moved into the activations
+instead); 0.5 is the paper's default, larger α for models with stronger outliers. diag(s)⁻¹ is folded
+into the preceding norm/linear and diag(s) into the weights (kiln.compress.smoothing.fold_scales),
+so the smoothed model is the same float function, ready for W8A8.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import field_validator
+
+from kiln.compress.base import StageConfig
+
+S_MIN, S_MAX = 1e-5, 1e5
+
+
+def smooth_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """s_j = max|X_j|^α / max_k max_i |W_k[i, j]|^(1−α) (arXiv:2211.10438, eq. 4), clamped to
+    [1e-5, 1e5]. act_absmax: (in,); weights: the (out_k, in) matrices of every linear reading X.
+
+    Channels that carry no information (activation or weight column all zero, or non-finite) get
+    s_j = 1: there is nothing to balance. Returns float32 (in,) on act_absmax's device."""
+    if not weights:
+        raise ValueError("smooth_scales: no weights")
+    a = act_absmax.detach().double().reshape(-1)
+    w = torch.stack([W.detach().abs().amax(dim=0).double().to(a.device) for W in weights]).amax(dim=0)
+    if w.shape != a.shape:
+        raise ValueError(f"smooth_scales: activations have {a.numel()} channels, weights {w.numel()} input columns")
+    valid = torch.isfinite(a) & torch.isfinite(w) & (a > 0) & (w > 0)
+    a = torch.where(valid, a, torch.ones_like(a))
+    w = torch.where(valid, w, torch.ones_like(w))
+    s = a.pow(alpha) / w.pow(1.0 - alpha)
+    s = torch.where(valid & torch.isfinite(s), s, torch.ones_like(s))
+    return s.clamp(S_MIN, S_MAX).float()
+
+
+class SmoothQuantConfig(StageConfig):
+    kind: Literal["smoothquant"] = "smoothquant"
+    alpha: float = 0.5
+
+    needs_calibration = True
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_in_unit_interval(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:  # also rejects NaN
+            raise ValueError(f"alpha is the migration strength and must lie in [0, 1], got {v}")
+        return v

@@ -1,0 +1,105 @@
+"""W8A8 runtime for evaluating SmoothQuant models in PyTorch with real int8 activations.
+
+SmoothQuant (Xiao et al., arXiv:2211.10438) targets W8A8: int8 weights, per output channel, and
+int8 activations, here per token and dynamic (the paper's O3 "per-token dynamic" setting). The layer
+computes Y = diag(Δ_X) (X̄ W̄ᵀ) diag(Δ_W) + b, with X̄, W̄ the int8 codes, the product accumulated in
+int32 exactly as an int8 GEMM would, so what is evaluated is what an int8 kernel would produce.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+QMAX = 127  # symmetric int8: codes in [-127, 127] for activations
+W_ZERO = 128  # kiln's 8-bit symmetric weight grid: uint8 code − 128 is the signed value
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-token int8: x ≈ x_int8 · scale with scale = max_j |x_j| / 127 per row.
+
+    x: (..., in). Returns (x_int8 (..., in), scale (..., 1) float32). All-zero rows get scale 1
+    (their codes are 0), so no division by zero and no NaN."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True) / QMAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(xf / scale).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def _int_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if not hasattr(torch, "_int_mm") or x.device != w.device:
+        return False
+    if x.device.type == "cuda":
+        # cuBLAS int8 GEMM (aten _int_mm_out_cuda): rows > 16, inner and output dims multiples of 8.
+        return x.shape[0] > 16 and x.shape[1] % 8 == 0 and w.shape[0] % 8 == 0
+    return x.device.type == "cpu"  # the CPU kernel takes any shape (checked on torch 2.13)
+
+
+def int8_matmul(x_int8: torch.Tensor, w_int8: torch.Tensor) -> torch.Tensor:
+    """x_int8 (T, in) · w_int8 (out, in)ᵀ accumulated in int32 → (T, out) int32.
+
+    Uses torch._int_mm when it accepts the shapes. Otherwise the product is computed exactly in
+    float64: every term is at most 128·128 = 2¹⁴ in magnitude, so a sum of `in` terms is an integer of
+    magnitude ≤ in·2¹⁴, exactly representable while below 2⁵³ (in < 2³⁹), and each partial sum is an
+    integer too, so no rounding ever happens; float32 would be exact only up to 2²⁴ (in ≤ 1024).
+    The int32 result itself cannot overflow while in ≤ 2³¹/2¹⁴ = 131072."""
+    if x_int8.dtype != torch.int8 or w_int8.dtype != torch.int8:
+        raise TypeError(f"int8_matmul expects int8 operands, got {x_int8.dtype} and {w_int8.dtype}")
+    if x_int8.dim() != 2 or w_int8.dim() != 2 or x_int8.shape[1] != w_int8.shape[1]:
+        raise ValueError(f"int8_matmul: shapes {tuple(x_int8.shape)} and {tuple(w_int8.shape)} do not match as (T, in), (out, in)")
+    if _int_mm_supported(x_int8, w_int8):
+        try:
+            return torch._int_mm(x_int8.contiguous(), w_int8.t())
+        except (RuntimeError, NotImplementedError):
+            pass  # a build without the kernel for this device/shape: fall through to the exact path
+    dev = x_int8.device
+    if dev.type == "mps":  # no float64 there
+        return (x_int8.cpu().double() @ w_int8.cpu().double().t()).to(torch.int32).to(dev)
+    return (x_int8.double() @ w_int8.double().t()).to(torch.int32)
+
+
+class W8A8Linear(nn.Module):
+    """A linear with int8 per-channel weights and dynamic per-token int8 activations."""
+
+    def __init__(self, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = w_int8.shape
+        self.register_buffer("weight", w_int8.to(torch.int8).contiguous())  # (out, in)
+        self.register_buffer("w_scale", w_scale.reshape(-1).float().contiguous())  # (out,)
+        self.register_buffer("bias", None if bias is None else bias.detach().reshape(-1).float().clone())
+
+    @classmethod
+    def from_quantized(
+        cls,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        transposed: bool = False,
+    ) -> W8A8Linear:
+        """From kiln's 8-bit symmetric per-channel codes: uint8 in [0, 255] with zero 128, so
+        w = (code − 128) · scale. `codes` are (out, in), or the module's stored layout (in, out) when
+        `transposed` (GPT-2's Conv1D); `scale` is (out, 1) (or (out,)); `bias` (out,) or None."""
+        if codes.dtype != torch.uint8:
+            raise TypeError(f"W8A8Linear.from_quantized expects uint8 codes, got {codes.dtype}")
+        if transposed:
+            codes = codes.t()
+        out = codes.shape[0]
+        if scale.numel() != out:
+            raise ValueError(f"W8A8Linear needs one scale per output channel ({out}), got shape {tuple(scale.shape)}")
+        if bias is not None and bias.numel() != out:
+            raise ValueError(f"W8A8Linear: bias has {bias.numel()} entries for {out} output channels")
+        w_int8 = (codes.to(torch.int16) - W_ZERO).to(torch.int8)
+        return cls(w_int8, scale, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        xq, xs = quantize_per_token(x.reshape(-1, self.in_features))
+        acc = int8_matmul(xq, self.weight)  # (T, out) int32
+        y = acc.float() * xs * self.w_scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
