@@ -188,9 +188,27 @@ def release(model: nn.Module, prefix: str) -> None:
 
 
 def load_full(model_dir: Path, store: WeightStore, trust_remote_code: bool = False) -> nn.Module:
-    """Skeleton + every weight: the whole model in memory (evaluation)."""
+    """Skeleton + every weight: the whole model in memory (evaluation). Linears whose inputs are
+    quantized at inference (W8A8) become int8 modules that quantize their inputs per token."""
     model = build_skeleton(model_dir, trust_remote_code)
     aliases = tied_aliases(model)
     materialize(model, "", store, aliases)
     model.tie_weights()
+    for name in store.keys():
+        info = store.quant_info(name)
+        if info and info.get("activation_bits"):
+            swap_w8a8(model, name.removesuffix(".weight"), store.quantized(name))
     return model
+
+
+def swap_w8a8(model: nn.Module, module_name: str, q: QuantizedWeight) -> nn.Module:
+    """Replace a linear by its W8A8 form (int8 per-channel weights, dynamic per-token int8 inputs);
+    returns the module it replaced."""
+    from kiln.compress.w8a8 import W8A8Linear
+
+    parent, _, leaf = module_name.rpartition(".")
+    owner = model.get_submodule(parent)
+    old = getattr(owner, leaf)
+    bias = getattr(old, "bias", None)
+    setattr(owner, leaf, W8A8Linear.from_quantized(q.codes, q.scale, None if bias is None else bias.detach()))
+    return old

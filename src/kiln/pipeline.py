@@ -205,7 +205,7 @@ def _run_stage(plan: Plan, sp: StagePlan, store, calib, run_dir: Path, ctx: RunC
                                     trust_remote_code=plan.recipe.model.trust_remote_code, sparse=sparse)
         result = {"index": sp.index, "kind": sp.config.kind, "key": sp.key,
                   "config": sp.config.model_dump(mode="json"), "modules": sp.targets,
-                  "module_stats": out.modules, "files": [f.name for f in out.files], **m.as_dict()}
+                  "module_stats": out.modules, "extra": out.extra, "files": [f.name for f in out.files], **m.as_dict()}
         (tmp / "result.json").write_text(json.dumps(result, indent=2))
 
     ctx.log(f"[bold]{label}[{sp.index}][/bold] {sp.config.kind}: {len(sp.targets)} layers")
@@ -295,6 +295,7 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
     store = WeightStore(model.path)
     prev = _key(model.digest)
     stage_results = []
+    stage_stores = []
     for sp in plan.stages:
         sp.key = _key(prev, sp.config.model_dump(mode="json"), sp.targets,
                       calib_info["token_digest"] if sp.config.needs_calibration else None)
@@ -302,12 +303,18 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
         res = _run_stage(plan, sp, store, calib, out_dir, ctx)
         stage_results.append(res)
         store = store.with_overlays([out_dir / "stages" / sp.dirname / f for f in res["files"]])
+        stage_stores.append((sp, store))
 
     metrics: dict = {}
     eval_digests = {k: v["token_digest"] for k, v in eval_info.items()}
     if recipe.evaluate is not None and recipe.evaluate.perplexity:
         metrics["baseline"] = _evaluate("baseline", _key(model.digest, eval_digests), plan, WeightStore(model.path),
                                         eval_sets, out_dir, ctx)
+        if recipe.evaluate.after_each_stage:
+            for sp, st in stage_stores[:-1]:
+                r = _evaluate(f"after-{sp.dirname}", _key(sp.key, eval_digests, recipe.output.dtype.value), plan,
+                              st.rounded(out_dtype), eval_sets, out_dir, ctx)
+                metrics[f"after_stage_{sp.index}"] = r
         final_key = _key(prev, eval_digests, recipe.output.dtype.value)
         metrics["compressed"] = _evaluate("compressed", final_key, plan, store.rounded(out_dtype), eval_sets, out_dir, ctx)
         if recipe.evaluate.reference_rtn and plan.quantized:
@@ -324,8 +331,8 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
                 ref_store = ref_store.with_overlays([out_dir / "reference" / "stages" / ref.dirname / f for f in res["files"]])
             metrics["rtn"] = _evaluate("rtn", _key(ref_prev, eval_digests, recipe.output.dtype.value), plan,
                                        ref_store.rounded(out_dtype), eval_sets, out_dir, ctx)
-        for variant in ("compressed", "rtn"):
-            if variant in metrics:
+        for variant in metrics:
+            if variant != "baseline":
                 metrics[variant]["perplexity_ratio"] = {
                     k: v / metrics["baseline"]["perplexity"][k] for k, v in metrics[variant]["perplexity"].items()}
 
@@ -339,7 +346,9 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
         with ctx.meter("artifact") as art_meter:
             tmp = artifact.staging_dir(target)
             try:
-                artifact.build_checkpoint(tmp, model.path, store, plan.quantized, recipe.output.format, out_dtype, plan.tied)
+                artifact.build_checkpoint(tmp, model.path, store, plan.quantized, recipe.output.format, out_dtype, plan.tied,
+                                          {t: plan.stages[k].config.pattern if plan.stages[k].config.nm else "unstructured"
+                                           for t, k in plan.sparse.items()})
                 (tmp / "recipe.yaml").write_text(_recipe_yaml(recipe))
                 manifest = base_manifest()
                 manifest.update({
@@ -375,7 +384,7 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
 
 def _stage_summary(r: dict) -> dict:
     return {k: r[k] for k in ("index", "kind", "config", "modules", "module_stats", "wall_s", "peak_rss_bytes")} | {
-        "cached": r.get("cached", False)}
+        "cached": r.get("cached", False), **({"result": r["extra"]} if r.get("extra") else {})}
 
 
 def _public_metrics(metrics: dict) -> dict:

@@ -79,6 +79,8 @@ class DataConfig(Frozen):
 
 
 class EvaluateConfig(Frozen):
+    after_each_stage: bool = Field(False, description="also measure perplexity after every stage but the last "
+                                   "(metrics `after_stage_N`), e.g. to see what distillation recovered")
     perplexity: bool = True
     reference_rtn: bool = Field(
         False,

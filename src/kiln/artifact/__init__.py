@@ -23,16 +23,41 @@ KILN_QUANT = "kiln_quantization.json"
 SHARD_BYTES = 2 * 2**30
 
 
+def _ct_format(act_bits) -> str:
+    return "int-quantized" if act_bits else "pack-quantized"
+
+
 def _ct_config(groups: dict[tuple, list[str]], ignore: list[str]) -> dict:
+    """compressed-tensors' quantization_config: one scheme per distinct grid; W8A8 layers use the
+    int-quantized format (int8 weights, dynamic per-token int8 inputs), weight-only ones pack-quantized."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     config_groups = {}
-    for k, ((bits, group_size, symmetric), names) in enumerate(sorted(groups.items())):
+    formats = {_ct_format(act) for (_, _, _, act) in groups}
+    for k, ((bits, group_size, symmetric, act), names) in enumerate(sorted(groups.items(), key=str)):
         args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
                                 strategy="channel" if group_size is None else "group", group_size=group_size)
-        config_groups[f"group_{k}"] = QuantizationScheme(targets=sorted(names), weights=args)
-    cfg = QuantizationConfig(config_groups=config_groups, format="pack-quantized",
+        acts = QuantizationArgs(num_bits=act, type="int", symmetric=True, strategy="token", dynamic=True) if act else None
+        config_groups[f"group_{k}"] = QuantizationScheme(targets=sorted(names), weights=args, input_activations=acts,
+                                                         format=_ct_format(act) if len(formats) > 1 else None)
+    cfg = QuantizationConfig(config_groups=config_groups, format=formats.pop() if len(formats) == 1 else "mixed-precision",
                              quantization_status="compressed", ignore=ignore)
+    return cfg.model_dump(mode="json", exclude_none=True)
+
+
+def _ct_sparsity(sparse: dict[str, str], store) -> dict:
+    """Pruned layers are stored dense (zeros written out); the config records where and how."""
+    from compressed_tensors.config import SparsityCompressionConfig
+
+    zeros = total = 0
+    for m in sparse:
+        w = store.get(m + ".weight")
+        zeros += int((w == 0).sum())
+        total += w.numel()
+    structures = set(sparse.values())
+    cfg = SparsityCompressionConfig.load_from_registry("dense", targets=sorted(sparse), ignore=[],
+                                                       global_sparsity=zeros / max(total, 1),
+                                                       sparsity_structure=structures.pop() if len(structures) == 1 else "unstructured")
     return cfg.model_dump(mode="json")
 
 
@@ -60,7 +85,7 @@ def _save_sharded(tensors: dict[str, torch.Tensor], root: Path) -> None:
 
 
 def build_checkpoint(root: Path, model_dir: Path, store, quantized: dict[str, dict], fmt: OutputFormat,
-                     dtype: torch.dtype, tied: dict[str, str]) -> None:
+                     dtype: torch.dtype, tied: dict[str, str], sparse: dict[str, str] | None = None) -> None:
     """Write config, tokenizer and weights. `quantized`: module name → {symmetric, transposed};
     `tied`: tied names → the canonical name the tensor is written under (the input embedding)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -72,8 +97,9 @@ def build_checkpoint(root: Path, model_dir: Path, store, quantized: dict[str, di
         if name.endswith(".weight") and mod in quantized:
             q = store.quantized(name)
             info = quantized[mod]
-            tensors.update(packed_tensors(mod, q, info["symmetric"], dtype))
-            groups.setdefault((q.bits, q.group_size, info["symmetric"]), []).append(mod)
+            act = info.get("activation_bits")
+            tensors.update(packed_tensors(mod, q, info["symmetric"], dtype, int8=bool(act)))
+            groups.setdefault((q.bits, q.group_size, info["symmetric"], act), []).append(mod)
             continue
         t = store.get(name)
         tensors[tied.get(name, name)] = t.to(dtype) if t.is_floating_point() else t
@@ -83,6 +109,8 @@ def build_checkpoint(root: Path, model_dir: Path, store, quantized: dict[str, di
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     if fmt is OutputFormat.compressed_tensors and groups:
         cfg["quantization_config"] = _ct_config(groups, ignore=["lm_head"])
+    if fmt is OutputFormat.compressed_tensors and sparse:
+        cfg.setdefault("quantization_config", {"quant_method": "compressed-tensors"})["sparsity_config"] = _ct_sparsity(sparse, store)
     (root / "config.json").write_text(json.dumps(cfg, indent=2))
     if fmt is OutputFormat.kiln and groups:
         (root / KILN_QUANT).write_text(json.dumps({"modules": {m: quantized[m] for g in groups.values() for m in g}}, indent=2))
@@ -134,8 +162,12 @@ def load_model(root: Path, verify_digests: bool = True):
     state = {k: v.float() if v.is_floating_point() else v for k, v in raw.items() if not any(
         k.startswith(m + ".weight_") for m in info)}
     for m, meta in info.items():
-        out_f, in_f = raw[f"{m}.weight_shape"].tolist()
         scale = raw[f"{m}.weight_scale"].float()
+        if meta.get("activation_bits"):
+            W = raw[f"{m}.weight"].float() * scale
+            state[f"{m}.weight"] = W.T.contiguous() if meta["transposed"] else W
+            continue
+        out_f, in_f = raw[f"{m}.weight_shape"].tolist()
         codes = unpack_int32(raw[f"{m}.weight_packed"], meta["bits"], in_f)
         zero = (unpack_int32(raw[f"{m}.weight_zero_point"], meta["bits"], out_f, dim=0) if not meta["symmetric"]
                 else torch.full_like(scale, 2 ** (meta["bits"] - 1)))

@@ -38,9 +38,13 @@ def format_problems(fmt: OutputFormat, module: str, in_features: int, group_size
     return problems
 
 
-def packed_tensors(prefix: str, q: QuantizedWeight, symmetric: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def packed_tensors(prefix: str, q: QuantizedWeight, symmetric: bool, dtype: torch.dtype, int8: bool = False) -> dict[str, torch.Tensor]:
     """Our codes (unsigned, zero = 2^(b-1) when symmetric) → compressed-tensors' names and packing.
-    CT stores signed codes offset by 2^(b-1) before packing, which is exactly our unsigned code."""
+    CT stores signed codes offset by 2^(b-1) before packing, which is exactly our unsigned code.
+    `int8` (W8A8, CT's int-quantized format): the signed int8 codes themselves, unpacked."""
+    if int8:
+        return {f"{prefix}.weight": (q.codes.to(torch.int16) - 128).to(torch.int8),
+                f"{prefix}.weight_scale": q.scale.to(dtype).contiguous()}
     out = {
         f"{prefix}.weight_packed": pack_int32(q.codes, q.bits, dim=1),
         f"{prefix}.weight_scale": q.scale.to(dtype).contiguous(),

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from typing import Union
 
+from kiln.compress.awq import AWQConfig
+from kiln.compress.distill import DistillConfig
 from kiln.compress.gptq import GPTQConfig
 from kiln.compress.rtn import RTNConfig
+from kiln.compress.smoothquant import SmoothQuantConfig
+from kiln.compress.sparsegpt import SparseGPTConfig
 
-CompressConfig = Union[RTNConfig, GPTQConfig]
+CompressConfig = Union[RTNConfig, GPTQConfig, AWQConfig, SmoothQuantConfig, SparseGPTConfig, DistillConfig]
 
-__all__ = ["CompressConfig", "GPTQConfig", "RTNConfig"]
+__all__ = ["AWQConfig", "CompressConfig", "DistillConfig", "GPTQConfig", "RTNConfig", "SmoothQuantConfig", "SparseGPTConfig"]

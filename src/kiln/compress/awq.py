@@ -14,16 +14,18 @@ that minimises that group's output error; the clipped weights are quantized late
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
+from torch import nn
 
 from kiln.compress.base import StageConfig
 from kiln.compress.quant import QuantScheme, grid_params, quantize_column, rtn_quantize
 
 SCALE_TOKENS = 4096  # token rows kept for the scale search
 CLIP_TOKENS = 2048  # token rows kept for the clipping search
+CLIP_SKIP = ("q_proj", "k_proj", "c_attn")  # see AWQConfig.smooth
 CLIP_CHUNK_ELEMS = 1 << 22  # rows per chunk in awq_clip: tokens × rows ≤ this
 
 
@@ -63,7 +65,8 @@ def awq_search_scales(
     Ws = [W.detach().float().to(X.device) for W in weights]
     for W in Ws:
         if W.shape[1] != in_features:
-            raise ValueError(f"awq_search_scales: X has {in_features} channels, a weight has {W.shape[1]} input columns")
+            raise ValueError(f"awq_search_scales: X has {in_features} channels, "
+                             f"a weight has {W.shape[1]} input columns")
     x_mean = torch.nan_to_num(X.abs().mean(dim=0), nan=0.0, posinf=0.0)
     refs = [X @ W.T for W in Ws]
     numel = sum(r.numel() for r in refs)
@@ -149,3 +152,22 @@ class AWQConfig(StageConfig):
     clip: bool = Field(True, description="also search per-(row, group) clipping ranges")
 
     needs_calibration = True
+    role = "smoothing"
+    max_tokens: ClassVar[int] = SCALE_TOKENS
+
+    def smooth(self, prev: nn.Module, prev_name: str, linears: dict[str, nn.Module], X: torch.Tensor, names: set[str]) -> dict:
+        """Search s for this group, fold it (1/s into `prev`, s into the linears), then clip the
+        targeted linears' ranges. Query/key projections are not clipped: softmax amplifies their
+        error in a way the linear-output loss does not see (AutoAWQ skips them for the same reason)."""
+        from kiln.arch import set_weight_matrix, weight_matrix
+        from kiln.compress.smoothing import fold_kind, fold_scales
+
+        mods = list(linears.values())
+        s, stats = awq_search_scales(X, [weight_matrix(m).float() for m in mods], self.scheme, self.grid)
+        fold_scales(prev, mods, s, fold_kind(prev))
+        if self.clip:
+            Xs = X / s
+            for n, m in linears.items():
+                if n in names and not n.endswith(CLIP_SKIP):
+                    set_weight_matrix(m, awq_clip(weight_matrix(m).float(), Xs, self.scheme, self.grid))
+        return {"alpha": round(stats["alpha"], 4), "loss": stats["loss"], "loss_unscaled": stats["loss_unscaled"]}

@@ -14,6 +14,7 @@ Peak memory is one layer's weights plus the calibration activations, whatever th
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,7 @@ class LayerInputs:
 class StageOutput:
     files: list[Path] = field(default_factory=list)
     modules: dict[str, dict] = field(default_factory=dict)  # concrete module name → stats
+    extra: dict = field(default_factory=dict)  # stage-wide figures (e.g. a training loss curve)
 
 
 def check_finite(module: nn.Module, prefix: str) -> None:
@@ -186,7 +188,8 @@ def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str]
             elif names and stage.role == "smoothing":
                 _smoothing_stage(model, layout, layer, i, set(names), stage, inputs, out)
             if inputs is not None:
-                inputs.hidden = _run_layer(layer, inputs, i)
+                with _int8_inputs(model, quantized):
+                    inputs.hidden = _run_layer(layer, inputs, i)
                 if not all(torch.isfinite(h).all() for h in inputs.hidden):
                     raise CompressionError(f"{lname}: its outputs became NaN/inf after {stage.kind}",
                                            hint="check the source weights; try more damping or fewer bits")
@@ -199,6 +202,23 @@ def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str]
             release(model, lname)
             advance()
     return out
+
+
+@contextmanager
+def _int8_inputs(model: nn.Module, quantized: dict[str, tuple]):
+    """While propagating, run W8A8 linears as they will run at inference (int8 inputs per token)."""
+    from kiln.model import swap_w8a8
+
+    swapped = {}
+    for wname, (q, _transposed, act) in quantized.items():
+        if act is not None:
+            swapped[wname.removesuffix(".weight")] = swap_w8a8(model, wname.removesuffix(".weight"), q)
+    try:
+        yield
+    finally:
+        for name, old in swapped.items():
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, old)
 
 
 def _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out) -> None:
@@ -244,5 +264,7 @@ def _smoothing_stage(model, layout, layer, i, names: set[str], stage, inputs, ou
         linears = {n_: model.get_submodule(n_) for n_ in g.linears}
         X = _collect_inputs(layer, linears[g.linears[0]], inputs, i, stage.max_tokens)
         stats = stage.smooth(model.get_submodule(g.prev), g.prev, linears, X, names)
+        if stats is None:
+            continue
         for n_ in g.linears:
             out.modules.setdefault(n_, {}).update({"smoothed_by": g.prev, "seconds": round(time.perf_counter() - t0, 4), **stats})

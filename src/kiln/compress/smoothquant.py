@@ -14,9 +14,10 @@ so the smoothed model is the same float function, ready for W8A8.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
+from torch import nn
 from pydantic import field_validator
 
 from kiln.compress.base import StageConfig
@@ -49,6 +50,23 @@ class SmoothQuantConfig(StageConfig):
     alpha: float = 0.5
 
     needs_calibration = True
+    role = "smoothing"
+    max_tokens: ClassVar[int] = 1 << 62  # the per-channel maximum over every calibration token
+
+    def smooth(self, prev: nn.Module, prev_name: str, linears: dict[str, nn.Module], X: torch.Tensor, names: set[str]) -> dict | None:
+        """Migrate activation outliers of a norm-fed group into its weights (the paper smooths the
+        inputs of the QKV and first MLP projections, whose producers are norms)."""
+        from kiln.arch import weight_matrix
+        from kiln.compress.smoothing import fold_kind, fold_scales
+
+        kind = fold_kind(prev)
+        if kind == "linear":
+            return None
+        mods = list(linears.values())
+        absmax = X.abs().amax(dim=0)
+        s = smooth_scales(absmax, [weight_matrix(m).float() for m in mods], self.alpha)
+        fold_scales(prev, mods, s, kind)
+        return {"act_absmax_before": float(absmax.max()), "act_absmax_after": float((absmax / s).max())}
 
     @field_validator("alpha")
     @classmethod

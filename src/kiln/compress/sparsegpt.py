@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from kiln.compress.base import StageConfig
+from kiln.compress.base import StageConfig, WeightResult
 from kiln.compress.gptq import _effective_block, damped_cholesky_inverse
 from kiln.compress.quant import QuantizedWeight, QuantScheme, grid_params, quantize_column
 
@@ -39,6 +39,8 @@ class SparseGPTConfig(StageConfig):
     damp: float = Field(0.01, gt=0.0, le=1.0, description="dampening, as a fraction of mean(diag(H))")
     scheme: QuantScheme | None = Field(None, description="quantize the kept weights jointly (paper, section 3.5)")
 
+    sequential: bool = Field(True, description="prune linears in forward order, each from inputs through the pruned ones before it")
+
     needs_calibration = True
 
     @field_validator("pattern")
@@ -53,13 +55,16 @@ class SparseGPTConfig(StageConfig):
         return None if self.pattern == "unstructured" else _parse_nm(self.pattern)
 
     @property
-    def quantizes_weights(self) -> bool:
-        return self.scheme is not None
+    def quant_scheme(self) -> QuantScheme | None:
+        return self.scheme
 
-    def prune_weight(
-        self, W: torch.Tensor, H: torch.Tensor, name: str
-    ) -> tuple[torch.Tensor, torch.Tensor, QuantizedWeight | None, dict]:
-        return sparsegpt_prune(W, H, self.sparsity, self.nm, self.block_size, self.damp, self.scheme, name)
+    @property
+    def sparsifies(self) -> bool:
+        return True
+
+    def process_weight(self, W: torch.Tensor, H: torch.Tensor, name: str, keep: torch.Tensor | None = None) -> WeightResult:  # noqa: ARG002
+        W_pruned, mask, qw, stats = sparsegpt_prune(W, H, self.sparsity, self.nm, self.block_size, self.damp, self.scheme, name)
+        return WeightResult(W_pruned, qw, stats)
 
 
 def _aligned_block(block_size: int, group_size: int | None, m: int | None) -> int:
@@ -121,7 +126,7 @@ def sparsegpt_prune(
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        M1 = torch.ones_like(W1, dtype=torch.bool)  # True = kept
+        M1 = torch.ones(W1.shape, dtype=torch.bool)  # True = kept
         if nm is None:  # the `sparsity` fraction of lowest saliencies over the whole block
             tmp = W1**2 / torch.diag(Hinv1).unsqueeze(0) ** 2
             k = round(tmp.numel() * sparsity)

@@ -47,7 +47,8 @@ def int8_matmul(x_int8: torch.Tensor, w_int8: torch.Tensor) -> torch.Tensor:
     if x_int8.dtype != torch.int8 or w_int8.dtype != torch.int8:
         raise TypeError(f"int8_matmul expects int8 operands, got {x_int8.dtype} and {w_int8.dtype}")
     if x_int8.dim() != 2 or w_int8.dim() != 2 or x_int8.shape[1] != w_int8.shape[1]:
-        raise ValueError(f"int8_matmul: shapes {tuple(x_int8.shape)} and {tuple(w_int8.shape)} do not match as (T, in), (out, in)")
+        raise ValueError(f"int8_matmul: shapes {tuple(x_int8.shape)} and {tuple(w_int8.shape)} "
+                         "do not match as (T, in), (out, in)")
     if _int_mm_supported(x_int8, w_int8):
         try:
             return torch._int_mm(x_int8.contiguous(), w_int8.t())
@@ -76,12 +77,17 @@ class W8A8Linear(nn.Module):
         scale: torch.Tensor,
         bias: torch.Tensor | None,
         transposed: bool = False,
+        zero: torch.Tensor | None = None,
     ) -> W8A8Linear:
         """From kiln's 8-bit symmetric per-channel codes: uint8 in [0, 255] with zero 128, so
         w = (code − 128) · scale. `codes` are (out, in), or the module's stored layout (in, out) when
-        `transposed` (GPT-2's Conv1D); `scale` is (out, 1) (or (out,)); `bias` (out,) or None."""
+        `transposed` (GPT-2's Conv1D; kiln's QuantizedWeight codes are already (out, in), so pass
+        False for those); `scale` is (out, 1) (or (out,)); `bias` (out,) or None. `zero`, if given
+        (QuantizedWeight.zero), is checked to be 128 everywhere: an asymmetric grid is refused."""
         if codes.dtype != torch.uint8:
             raise TypeError(f"W8A8Linear.from_quantized expects uint8 codes, got {codes.dtype}")
+        if zero is not None and not bool((zero.to(torch.int16) == W_ZERO).all()):
+            raise ValueError("W8A8Linear needs the symmetric 8-bit grid (zero point 128 everywhere)")
         if transposed:
             codes = codes.t()
         out = codes.shape[0]

@@ -1,0 +1,173 @@
+"""Knowledge distillation: train the compressed student to match the original teacher's next-token
+distribution on calibration text, without undoing what earlier stages built.
+
+What is trained, and why:
+- quantized linears keep their integer codes; only their per-group scales are trained (the grid the
+  artifact stores stays exact, no straight-through rounding whose codes would flip step to step, and
+  4-bit codes need no fp32 master copy);
+- pruned linears train their kept weights; the pruned ones get no gradient and stay exactly zero;
+- every norm weight trains; embeddings, the LM head and untouched linears are frozen.
+Loss: KL(teacher ‖ student) on logits at temperature T (× T²), plus optionally the mean squared
+error between the last hidden states.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from kiln.compress.base import ActScheme, StageConfig
+from kiln.compress.quant import QuantizedWeight, group_index
+
+
+class DistillConfig(StageConfig):
+    kind: Literal["distill"] = "distill"
+    teacher: str | None = Field(None, description="'original' (the model before compression) or a model source")
+    steps: int = Field(100, ge=1, le=100_000)
+    batch_size: int = Field(4, ge=1, le=256)
+    lr: float = Field(5e-5, gt=0.0, le=1.0, description="AdamW learning rate for kept weights and norms")
+    scale_lr: float = Field(1e-4, gt=0.0, le=1.0, description="learning rate for quantization scales")
+    temperature: float = Field(1.0, gt=0.0, le=10.0)
+    hidden_weight: float = Field(0.0, ge=0.0, description="weight of the last-hidden-state MSE term")
+    seed: int = 0
+
+    needs_calibration = True
+    role = "training"
+
+    @model_validator(mode="after")
+    def _needs_teacher(self) -> "DistillConfig":
+        if not self.teacher:
+            raise ValueError("distill needs a teacher: set `teacher: original` (the model before compression) "
+                             "or a model source such as a folder or pkg: path")
+        return self
+
+
+class ScaleTrainedLinear(nn.Module):
+    """A linear whose weight is (codes - zero) · scale[group]: codes frozen, scales trainable.
+    Replaces nn.Linear and GPT-2's Conv1D alike (the weight here is always (out, in))."""
+
+    def __init__(self, q: QuantizedWeight, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("centered", q.codes.float() - q.zero.float()[:, group_index(q.codes.shape[1], q.group_size)])
+        self.register_buffer("g_idx", group_index(q.codes.shape[1], q.group_size))
+        self.scale = nn.Parameter(q.scale.float().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self.q = q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.centered * self.scale[:, self.g_idx], self.bias)
+
+    def quantized(self) -> QuantizedWeight:
+        q = self.q
+        return QuantizedWeight(q.codes, self.scale.detach().clone(), q.zero, q.bits, q.group_size, q.symmetric)
+
+
+def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+    log_p = F.log_softmax(teacher_logits.float() / T, dim=-1)
+    log_q = F.log_softmax(student_logits.float() / T, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * T * T
+
+
+def _teacher(plan, cfg: DistillConfig):
+    from kiln.model import WeightStore, load_full
+    from kiln.recipe import ModelConfig
+    from kiln.source import resolve_model
+
+    if cfg.teacher == "original":
+        path = plan.model.path
+    else:
+        path = resolve_model(ModelConfig(source=cfg.teacher, trust_remote_code=plan.recipe.model.trust_remote_code)).path
+    return load_full(path, WeightStore(path), plan.recipe.model.trust_remote_code)
+
+
+def run_distill(plan, store, cfg: DistillConfig, targets: list[str], calib: torch.Tensor, out_dir: Path, ctx, sparse):
+    from kiln.compress.engine import StageOutput
+    from kiln.errors import CompressionError
+    from kiln.model import load_full, save_overlay
+
+    student = load_full(plan.model.path, store, plan.recipe.model.trust_remote_code)
+    teacher = _teacher(plan, cfg).eval()
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise CompressionError(f"distill teacher {cfg.teacher!r} has vocabulary {teacher.config.vocab_size}, "
+                               f"the student {student.config.vocab_size}", hint="use a teacher with the same tokenizer")
+    for p in student.parameters():
+        p.requires_grad_(False)
+
+    scale_modules: dict[str, ScaleTrainedLinear] = {}
+    masks: dict[str, torch.Tensor] = {}
+    weights, scales = [], []
+    for name in targets:
+        mod = student.get_submodule(name)
+        q = store.quantized(name + ".weight")
+        if q is not None:
+            parent, _, leaf = name.rpartition(".")
+            new = ScaleTrainedLinear(q, mod.bias)
+            setattr(student.get_submodule(parent), leaf, new)
+            scale_modules[name] = new
+            scales.append(new.scale)
+        elif name in sparse:
+            mod.weight.requires_grad_(True)
+            mask = (mod.weight != 0)
+            masks[name] = mask
+            mod.weight.register_hook(lambda g, m=mask: g * m)
+            weights.append(mod.weight)
+    norms = [p for n, p in student.named_parameters() if "norm" in n.split(".")[-2].lower() or "ln" in n.split(".")[-2]]
+    for p in norms:
+        p.requires_grad_(True)
+    groups = [{"params": weights + norms, "lr": cfg.lr}] + ([{"params": scales, "lr": cfg.scale_lr}] if scales else [])
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(calib.shape[0], generator=g)
+    curve = []
+    student.train()
+    t0 = time.perf_counter()
+    with ctx.progress("distill: steps", cfg.steps) as advance:
+        for step in range(cfg.steps):
+            idx = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % calib.shape[0]]
+            x = calib[idx]
+            with torch.no_grad():
+                t_out = teacher(input_ids=x, use_cache=False, output_hidden_states=cfg.hidden_weight > 0)
+            s_out = student(input_ids=x, use_cache=False, output_hidden_states=cfg.hidden_weight > 0)
+            loss = _kl(s_out.logits, t_out.logits, cfg.temperature)
+            if cfg.hidden_weight > 0:
+                loss = loss + cfg.hidden_weight * F.mse_loss(s_out.hidden_states[-1], t_out.hidden_states[-1])
+            if not math.isfinite(loss.item()):
+                raise CompressionError(f"distill: the loss became {loss.item()} at step {step}",
+                                       hint="lower lr / scale_lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for name, mask in masks.items():
+                student.get_submodule(name).weight.data.mul_(mask)
+            curve.append(round(loss.item(), 6))
+            advance()
+    student.eval()
+
+    tensors, quantized = {}, {}
+    for name, mod in scale_modules.items():
+        info = store.quant_info(name + ".weight") or {}
+        act = ActScheme(bits=info["activation_bits"]) if info.get("activation_bits") else None
+        quantized[name + ".weight"] = (mod.quantized(), bool(info.get("transposed")), act)
+    for name in masks:
+        w = student.get_submodule(name).weight.detach()
+        tensors[name + ".weight"] = w.clone()
+    for n, p in student.named_parameters():
+        if p.requires_grad and p.dim() == 1:
+            tensors[n] = p.detach().clone()
+    out = StageOutput()
+    f = out_dir / "distill.safetensors"
+    save_overlay(f, tensors, quantized)
+    out.files.append(f)
+    out.modules = {n: {"trained": "scales" if n in scale_modules else "kept weights" if n in masks else "none"} for n in targets}
+    out.extra = {"loss_curve": curve, "loss_first": curve[0], "loss_last": curve[-1],
+                 "train_seconds": round(time.perf_counter() - t0, 2), "steps": cfg.steps}
+    del teacher, student
+    return out

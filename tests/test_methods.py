@@ -1,0 +1,175 @@
+"""Integration tier for the methods beyond GPTQ: every method on every claimed architecture, the
+compositions, and what each must keep of the stages before it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import ARCHS, gptq_recipe, run_cli, run_json, write_recipe
+
+W4 = {"bits": 4, "group_size": 32, "symmetric": True}
+W4_ASYM = {"bits": 4, "group_size": 32, "symmetric": False}
+W8 = {"bits": 8, "group_size": None, "symmetric": True}
+
+METHODS = {
+    "sparsegpt": [{"kind": "sparsegpt", "sparsity": 0.5, "block_size": 16}],
+    "sparsegpt24-gptq": [{"kind": "sparsegpt", "pattern": "2:4"}, {"kind": "gptq", "scheme": W4}],
+    "awq-rtn": [{"kind": "awq", "scheme": W4_ASYM}, {"kind": "rtn", "scheme": W4_ASYM}],
+    "awq-gptq": [{"kind": "awq", "scheme": W4}, {"kind": "gptq", "scheme": W4}],
+    "smoothquant-gptq-w8a8": [{"kind": "smoothquant", "alpha": 0.5}, {"kind": "gptq", "scheme": W8, "activations": {"bits": 8}}],
+    "sparsegpt-gptq-distill": [{"kind": "sparsegpt", "sparsity": 0.5, "block_size": 16}, {"kind": "gptq", "scheme": W4},
+                               {"kind": "distill", "teacher": "original", "steps": 6, "batch_size": 2, "lr": 1e-3, "scale_lr": 1e-3}],
+}
+
+
+def method_recipe(model_dir, stages, arch, **kw) -> dict:
+    r = gptq_recipe(model_dir, fmt="kiln" if arch == "gpt2" else "compressed-tensors", **kw)
+    r["compress"] = stages
+    r["evaluate"] = {"perplexity": True, "reference_rtn": False}
+    return r
+
+
+def _linear_weights(model, names):
+    from kiln.arch import weight_matrix
+
+    return {n: weight_matrix(model.get_submodule(n)).float() for n in names}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_end_to_end(arch, method, tiny_models, tmp_path):
+    from kiln.artifact import load_model
+    from kiln.compress.sparsegpt import nm_mask_ok
+
+    stages = METHODS[method]
+    r = write_recipe(tmp_path / "r.yaml", method_recipe(tiny_models(arch), stages, arch))
+    out = run_json("run", str(r), "--out", str(tmp_path / "run"), "--quiet")
+    m = out["metrics"]
+    base, comp = m["baseline"]["perplexity"]["wiki"], m["compressed"]["perplexity"]["wiki"]
+    assert 1.0 < comp < 2 * base, (base, comp)
+    assert [s["kind"] for s in out["stages"]] == [s["kind"] for s in stages]
+
+    model = load_model(tmp_path / "run" / "artifact")
+    pruned_stage = next((s for s in out["stages"] if s["kind"] == "sparsegpt"), None)
+    if pruned_stage is not None:
+        W = _linear_weights(model, pruned_stage["modules"])
+        zeros = sum(int((w == 0).sum()) for w in W.values()) / sum(w.numel() for w in W.values())
+        assert zeros >= 0.5, zeros  # every later stage kept the zeros (quantization may add a few)
+        if pruned_stage["config"]["pattern"] == "2:4":
+            assert all(nm_mask_ok(w != 0, 2, 4) for w in W.values())
+    manifest = json.loads((tmp_path / "run" / "artifact" / "manifest.json").read_text())
+    if method.startswith("smoothquant"):
+        q = manifest["quantized_modules"]
+        assert all(v["activation_bits"] == 8 for v in q.values())
+        if arch != "gpt2":
+            cfg = json.loads((tmp_path / "run" / "artifact" / "config.json").read_text())["quantization_config"]
+            assert cfg["format"] == "int-quantized"
+            assert all(g["input_activations"]["strategy"] == "token" for g in cfg["config_groups"].values())
+    if method.endswith("distill"):
+        curve = manifest["stages"][-1]["result"]["loss_curve"]
+        assert len(curve) == 6 and all(c >= 0 for c in curve)
+
+
+def test_awq_smoothing_keeps_the_float_model(tiny_models, tmp_path):
+    """AWQ's folded scales alone (no clipping, no quantization) leave the model's function intact."""
+    from kiln.model import WeightStore, load_full
+
+    model_dir = tiny_models("llama")
+    r = method_recipe(model_dir, [{"kind": "awq", "scheme": W4, "clip": False}, {"kind": "rtn", "scheme": {**W4, "bits": 8}}],
+                      "llama")
+    r["compress"][0]["scheme"] = r["compress"][1]["scheme"]
+    run_json("run", str(write_recipe(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "run"), "--quiet")
+    awq_files = sorted((tmp_path / "run" / "stages").glob("00-awq-*/layer-*.safetensors"))
+    assert awq_files
+    ref = load_full(model_dir, WeightStore(model_dir))
+    smoothed = load_full(model_dir, WeightStore(model_dir, awq_files))
+    changed = [k for k, v in smoothed.state_dict().items() if not torch.equal(v, ref.state_dict()[k])]
+    assert any("layernorm" in k for k in changed) and any("proj" in k for k in changed)
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ref(ids).logits, smoothed(ids).logits
+    assert float((a - b).norm() / b.norm()) < 1e-4
+
+
+def test_distillation_loss_goes_down_and_masks_stay(tiny_models, tmp_path):
+    from kiln.artifact import load_model
+
+    stages = [{"kind": "sparsegpt", "sparsity": 0.5, "block_size": 16},
+              {"kind": "distill", "teacher": "original", "steps": 30, "batch_size": 4, "lr": 3e-3}]
+    r = method_recipe(tiny_models("llama"), stages, "llama", samples=16)
+    r["evaluate"]["after_each_stage"] = True
+    out = run_json("run", str(write_recipe(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "run"), "--quiet")
+    curve = out["stages"][1]["result"]["loss_curve"]
+    assert sum(curve[-5:]) < sum(curve[:5]), curve
+    pruned = out["metrics"]["after_stage_0"]["perplexity"]["wiki"]
+    assert out["metrics"]["compressed"]["perplexity"]["wiki"] < pruned
+    model = load_model(tmp_path / "run" / "artifact")
+    W = _linear_weights(model, out["stages"][0]["modules"])
+    assert sum(int((w == 0).sum()) for w in W.values()) >= 0.5 * sum(w.numel() for w in W.values())
+
+
+def test_mixed_precision_overrides_resolve_to_module_names(tiny_models, tmp_path):
+    stages = [{"kind": "gptq", "scheme": W4, "ignore": ["*.layers.0.*"]},
+              {"kind": "rtn", "scheme": {"bits": 8, "group_size": 32, "symmetric": True}, "targets": ["*.layers.0.*"]}]
+    r = method_recipe(tiny_models("qwen2"), stages, "qwen2")
+    out = run_json("run", str(write_recipe(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "run"), "--quiet")
+    q = json.loads((tmp_path / "run" / "artifact" / "manifest.json").read_text())["quantized_modules"]
+    assert q["model.layers.0.mlp.down_proj"]["bits"] == 8 and q["model.layers.1.mlp.down_proj"]["bits"] == 4
+    assert all(m.startswith("model.layers.0.") for m in out["stages"][1]["modules"])
+
+
+# --- bad input: each a validation error before any weight is read --------------------------------
+
+
+def _fails(tmp_path, recipe, code, *needles):
+    p = write_recipe(tmp_path / "r.yaml", recipe)
+    rc, stdout, stderr = run_cli("run", str(p), "--out", str(tmp_path / "run"), "--quiet", "--json")
+    assert rc == code, stderr
+    assert "Traceback" not in stderr
+    for n in needles:
+        assert n in stderr, stderr
+    assert not (tmp_path / "run" / "artifact").exists()
+    assert not (tmp_path / "run" / "stages").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5])
+def test_smoothquant_alpha_out_of_range(tiny_models, tmp_path, alpha):
+    r = method_recipe(tiny_models("llama"), [{"kind": "smoothquant", "alpha": alpha}, {"kind": "rtn", "scheme": W8}], "llama")
+    _fails(tmp_path, r, 3, "compress[0].alpha", "[0, 1]")
+
+
+def test_two_four_on_a_dimension_not_divisible_by_four(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from conftest import tiny_config
+
+    cfg = tiny_config("llama")
+    cfg.intermediate_size = 126  # down_proj's input: 126 = 4·31 + 2
+    model_dir = tmp_path / "odd"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
+    for f in tiny_models("llama").iterdir():
+        if f.name.startswith(("tokenizer", "special")):
+            (model_dir / f.name).write_bytes(f.read_bytes())
+    assert isinstance(cfg, LlamaConfig)
+    r = method_recipe(model_dir, [{"kind": "sparsegpt", "pattern": "2:4"}], "llama")
+    _fails(tmp_path, r, 3, "model.layers.0.mlp.down_proj", "divisible by 4", "126")
+
+
+def test_distillation_without_a_teacher(tiny_models, tmp_path):
+    r = method_recipe(tiny_models("llama"), [{"kind": "gptq", "scheme": W4}, {"kind": "distill"}], "llama")
+    _fails(tmp_path, r, 3, "compress[1]", "teacher")
+
+
+@pytest.mark.parametrize("stages,needles", [
+    ([{"kind": "gptq", "scheme": W4}, {"kind": "sparsegpt"}], ["compress[1] (sparsegpt)", "off the grid"]),
+    ([{"kind": "rtn", "scheme": W4}, {"kind": "awq", "scheme": W4}, {"kind": "rtn", "scheme": W4}], ["compress[1] (awq)"]),
+    ([{"kind": "sparsegpt"}, {"kind": "sparsegpt", "pattern": "2:4"}], ["already pruned"]),
+    ([{"kind": "awq", "scheme": W4}], ["only rescales", "add an rtn or gptq stage"]),
+    ([{"kind": "awq", "scheme": W4_ASYM}, {"kind": "gptq", "scheme": W4}], ["searched its scales for"]),
+    ([{"kind": "smoothquant"}, {"kind": "gptq", "scheme": W4, "activations": {"bits": 8}}], ["int8 activations need"]),
+])
+def test_conflicting_combinations(tiny_models, tmp_path, stages, needles):
+    _fails(tmp_path, method_recipe(tiny_models("llama"), stages, "llama"), 3, *needles)
