@@ -86,14 +86,28 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.T
     return LayerInputs(hidden, extras)
 
 
-def _run_layer(layer: nn.Module, inputs: LayerInputs, i: int, before_batch=None) -> list[torch.Tensor]:
+def _run_layer(layer: nn.Module, inputs: LayerInputs, i: int, before_batch=None, stop_after: nn.Module | None = None) -> list[torch.Tensor]:
+    """The layer's outputs for every calibration batch; with `stop_after`, each batch's forward ends
+    once that module has run (its hooks have seen what they need) and nothing is returned."""
     out = []
-    with torch.no_grad():
-        for h, (args, kwargs) in zip(inputs.hidden, inputs.extras[i]):
-            if before_batch is not None:
-                before_batch()
-            y = layer(h, *args, **kwargs)
-            out.append(y[0] if isinstance(y, tuple) else y)
+    handle = None
+    if stop_after is not None:
+        def stop(module, args, output):
+            raise _Stop
+        handle = stop_after.register_forward_hook(stop)
+    try:
+        with torch.no_grad():
+            for h, (args, kwargs) in zip(inputs.hidden, inputs.extras[i]):
+                if before_batch is not None:
+                    before_batch()
+                try:
+                    y = layer(h, *args, **kwargs)
+                except _Stop:
+                    continue
+                out.append(y[0] if isinstance(y, tuple) else y)
+    finally:
+        if handle is not None:
+            handle.remove()
     return out
 
 
@@ -132,7 +146,7 @@ def _collect_inputs(layer: nn.Module, module: nn.Module, inputs: LayerInputs, i:
     rows: list[torch.Tensor] = []
     handle = module.register_forward_pre_hook(lambda m, a: rows.append(a[0].detach().reshape(-1, a[0].shape[-1]).float()))
     try:
-        _run_layer(layer, inputs, i)
+        _run_layer(layer, inputs, i, stop_after=module)
     finally:
         handle.remove()
     X = torch.cat(rows)
@@ -234,7 +248,9 @@ def _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out
         if inputs is not None:
             hooks = HessianHooks({n_: mods[n_] for n_ in step}, {n_: in_out_features(mods[n_])[0] for n_ in step})
             try:
-                _run_layer(layer, inputs, i, before_batch=hooks.next_batch)
+                # in forward order, the step's last linear is the last thing this pass needs to reach
+                last = mods[step[-1]] if len(steps) > 1 else None
+                _run_layer(layer, inputs, i, before_batch=hooks.next_batch, stop_after=last)
             finally:
                 hooks.remove()
         for n_ in step:
