@@ -72,6 +72,7 @@ def test_rerun_does_no_work_and_resume_after_kill(tiny_models, tmp_path):
     assert third["stages"][0]["cached"] is True
     assert third["metrics"]["compressed"]["perplexity"] == first["metrics"]["compressed"]["perplexity"]
     assert run_cli("inspect", str(run_dir / "artifact"))[0] == 0
+    assert not (run_dir / ".artifact.tmp-killed").exists()  # the killed run's leftovers are gone
 
 
 def test_inspect_detects_a_tampered_file(tiny_models, tmp_path):

@@ -173,6 +173,8 @@ def plan_recipe(recipe: Recipe) -> Plan:
 
 def _atomic_dir(target: Path, build) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a run that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         build(tmp)

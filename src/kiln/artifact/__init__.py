@@ -135,6 +135,8 @@ def commit(tmp: Path, target: Path, manifest: dict) -> None:
 
 def staging_dir(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a run that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
 
 
