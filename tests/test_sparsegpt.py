@@ -67,7 +67,7 @@ def test_joint_quantization_with_two_four():
 
 
 def test_config_parses_patterns():
-    assert SparseGPTConfig().nm is None and not SparseGPTConfig().quantizes_weights
+    assert SparseGPTConfig().nm is None and not SparseGPTConfig().quantizes
     cfg = SparseGPTConfig(pattern="2:4", scheme={"bits": 4, "group_size": 32})
     assert cfg.nm == (2, 4) and cfg.quantizes_weights and cfg.needs_calibration
     W, H = correlated_problem(out=8, inp=32, tokens=128)

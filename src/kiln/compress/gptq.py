@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from kiln.context import single_threaded
 from kiln.compress.base import ActScheme, StageConfig, WeightResult
 from kiln.compress.quant import QuantizedWeight, QuantScheme, grid_for_weight, grid_params, quantize_column
 
@@ -84,6 +85,7 @@ def _effective_block(block_size: int, group_size: int | None) -> int:
     return math.gcd(group_size, block_size)
 
 
+@single_threaded
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -158,3 +160,4 @@ def gptq_quantize(
     codes = codes[:, inv]
     qw = QuantizedWeight(codes.to(torch.uint8), scale_g, zero_g.to(torch.uint8), scheme.bits, scheme.group_size, scheme.symmetric)
     return qw, {"loss": float(losses.sum()), "damp": damp_used}
+

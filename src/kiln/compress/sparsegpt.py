@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
+from kiln.context import single_threaded
 from kiln.compress.base import StageConfig, WeightResult
 from kiln.compress.gptq import _effective_block, damped_cholesky_inverse
 from kiln.compress.quant import QuantizedWeight, QuantScheme, grid_params, quantize_column
@@ -78,6 +79,7 @@ def _aligned_block(block_size: int, group_size: int | None, m: int | None) -> in
     return math.lcm(group_size, m)
 
 
+@single_threaded
 def sparsegpt_prune(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -196,3 +198,4 @@ def nm_mask_ok(mask: torch.Tensor, n: int, m: int) -> bool:
         return False
     zeros = (~mask.bool()).reshape(rows, cols // m, m).sum(dim=2)
     return bool((zeros >= n).all())
+
