@@ -69,7 +69,7 @@ def test_joint_quantization_with_two_four():
 def test_config_parses_patterns():
     assert SparseGPTConfig().nm is None and not SparseGPTConfig().quantizes
     cfg = SparseGPTConfig(pattern="2:4", scheme={"bits": 4, "group_size": 32})
-    assert cfg.nm == (2, 4) and cfg.quantizes_weights and cfg.needs_calibration
+    assert cfg.nm == (2, 4) and cfg.quantizes and cfg.needs_calibration
     W, H = correlated_problem(out=8, inp=32, tokens=128)
     Wp, mask, qw, _ = cfg.prune_weight(W, H, "l")
     assert nm_mask_ok(mask, 2, 4) and qw is not None and Wp.shape == W.shape
