@@ -71,8 +71,8 @@ def test_config_parses_patterns():
     cfg = SparseGPTConfig(pattern="2:4", scheme={"bits": 4, "group_size": 32})
     assert cfg.nm == (2, 4) and cfg.quantizes and cfg.needs_calibration
     W, H = correlated_problem(out=8, inp=32, tokens=128)
-    Wp, mask, qw, _ = cfg.prune_weight(W, H, "l")
-    assert nm_mask_ok(mask, 2, 4) and qw is not None and Wp.shape == W.shape
+    res = cfg.process_weight(W, H, "l")
+    assert nm_mask_ok(res.weight != 0, 2, 4) and res.quantized is not None and res.weight.shape == W.shape
 
 
 @pytest.mark.parametrize("bad", [{"pattern": "4:2"}, {"pattern": "2-4"}, {"pattern": "0:4"}, {"sparsity": 1.0},
