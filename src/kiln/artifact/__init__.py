@@ -61,34 +61,69 @@ def _ct_sparsity(sparse: dict[str, str], store) -> dict:
     return cfg.model_dump(mode="json")
 
 
-def _save_sharded(tensors: dict[str, torch.Tensor], root: Path) -> None:
-    from safetensors.torch import save_file
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+              torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 
-    shards, cur, size = [], {}, 0
-    for k in sorted(tensors):
-        nbytes = tensors[k].numel() * tensors[k].element_size()
-        if cur and size + nbytes > SHARD_BYTES:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k] = tensors[k]
-        size += nbytes
-    shards.append(cur)
-    if len(shards) == 1:
-        save_file(shards[0], str(root / "model.safetensors"), metadata={"format": "pt"})
-        return
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}, "weight_map": {}}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(root / name), metadata={"format": "pt"})
-        index["weight_map"].update({k: name for k in shard})
-    (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+class _ShardWriter:
+    """Writes safetensors files one tensor at a time, so peak memory is one tensor, not the model:
+    each shard's tensor bytes go to a side file as they are produced, and the shard is assembled
+    (8-byte header length, JSON header, bytes) when it is full."""
+
+    def __init__(self, root: Path, shard_bytes: int = SHARD_BYTES):
+        self.root, self.shard_bytes = root, shard_bytes
+        self.shards: list[tuple[Path, dict]] = []
+        self.written: set[str] = set()
+        self._open()
+
+    def _open(self) -> None:
+        self.data = self.root / f".shard-{len(self.shards)}.bin"
+        self.fh = open(self.data, "wb")
+        self.header: dict = {}
+        self.offset = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if name in self.written:  # a tied tensor reached under both of its names
+            return
+        self.written.add(name)
+        t = t.detach().contiguous().cpu()
+        nbytes = t.numel() * t.element_size()
+        if self.header and self.offset + nbytes > self.shard_bytes:
+            self._close()
+            self._open()
+        self.fh.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if nbytes else b"")
+        self.header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [self.offset, self.offset + nbytes]}
+        self.offset += nbytes
+
+    def _close(self) -> None:
+        self.fh.close()
+        self.shards.append((self.data, self.header))
+
+    def finish(self) -> None:
+        self._close()
+        n = len(self.shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map, total = {}, 0
+        for (data, header), name in zip(self.shards, names):
+            head = json.dumps({"__metadata__": {"format": "pt"}, **dict(sorted(header.items()))}, separators=(",", ":")).encode()
+            head += b" " * (-len(head) % 8)  # the format aligns the byte buffer to 8
+            with open(self.root / name, "wb") as out, open(data, "rb") as src:
+                out.write(len(head).to_bytes(8, "little"))
+                out.write(head)
+                shutil.copyfileobj(src, out, 16 * 2**20)
+            data.unlink()
+            weight_map.update({k: name for k in header})
+            total += sum(v["data_offsets"][1] - v["data_offsets"][0] for v in header.values())
+        if n > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def build_checkpoint(root: Path, model_dir: Path, store, quantized: dict[str, dict], fmt: OutputFormat,
                      dtype: torch.dtype, tied: dict[str, str], sparse: dict[str, str] | None = None) -> None:
     """Write config, tokenizer and weights. `quantized`: module name → {symmetric, transposed};
     `tied`: tied names → the canonical name the tensor is written under (the input embedding)."""
-    tensors: dict[str, torch.Tensor] = {}
+    writer = _ShardWriter(root)
     groups: dict[tuple, list[str]] = {}
     for name in store.keys():
         if name.endswith((".qcodes", ".qscale", ".qzero")):
@@ -98,12 +133,13 @@ def build_checkpoint(root: Path, model_dir: Path, store, quantized: dict[str, di
             q = store.quantized(name)
             info = quantized[mod]
             act = info.get("activation_bits")
-            tensors.update(packed_tensors(mod, q, info["symmetric"], dtype, int8=bool(act)))
+            for k, t in packed_tensors(mod, q, info["symmetric"], dtype, int8=bool(act)).items():
+                writer.add(k, t)
             groups.setdefault((q.bits, q.group_size, info["symmetric"], act), []).append(mod)
             continue
         t = store.get(name)
-        tensors[tied.get(name, name)] = t.to(dtype) if t.is_floating_point() else t
-    _save_sharded(tensors, root)
+        writer.add(tied.get(name, name), t.to(dtype) if t.is_floating_point() else t)
+    writer.finish()
 
     cfg = json.loads((model_dir / "config.json").read_text())
     cfg["dtype"] = str(dtype).removeprefix("torch.")

@@ -179,6 +179,8 @@ def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str]
                 materialize(model, name, store, aliases, recurse=False)
         check_finite(model.get_input_embeddings(), "embeddings")
         inputs = capture_layer_inputs(model, layers, calib, batch_size)
+        emb = model.get_input_embeddings()
+        release(model, next(n for n, m in model.named_modules() if m is emb))  # not needed again: free it
 
     by_layer: dict[int, list[str]] = {}
     for t in targets:
