@@ -78,15 +78,21 @@ def kiln_stages(method: str, g: int) -> list[dict]:
     raise ValueError(method)
 
 
+TIMED_KEYS = ("cmd", "rc", "wall_s", "cpu_s", "peak_rss_bytes", "rss_time_v_bytes", "rss_polled_hwm_bytes",
+              "load_avg_1m", "log")
+
 # --- child processes ------------------------------------------------------------------------------
 
 
-def _parse_time_v(text: str) -> tuple[float | None, int | None]:
-    """(wall seconds, max RSS bytes) from /usr/bin/time -v output."""
+def _parse_time_v(text: str) -> tuple[float | None, int | None, float | None]:
+    """(wall seconds, max RSS bytes, user + system CPU seconds) from /usr/bin/time -v output."""
     wall = rss = None
+    cpu = 0.0
     for line in text.splitlines():
         line = line.strip()
-        if line.startswith("Elapsed (wall clock) time"):
+        if line.startswith(("User time (seconds)", "System time (seconds)")):
+            cpu += float(line.rsplit(":", 1)[-1])
+        elif line.startswith("Elapsed (wall clock) time"):
             value = line.rsplit(": ", 1)[-1]
             secs = 0.0
             for part in value.split(":"):
@@ -94,11 +100,45 @@ def _parse_time_v(text: str) -> tuple[float | None, int | None]:
             wall = secs
         elif line.startswith("Maximum resident set size (kbytes)"):
             rss = int(line.rsplit(":", 1)[-1]) * 1024
-    return wall, rss
+    return wall, rss, (cpu if wall is not None else None)
 
 
-def run_timed(cmd: list[str], env: dict, log: Path, timeout: float | None) -> dict:
-    """Run one child under /usr/bin/time -v; stdout/stderr go to log.{out,err}."""
+def _descendants(root: int) -> list[int]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _vm_hwm(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def run_timed(cmd: list[str], env: dict, log: Path, timeout: float | None, poll_s: float = 0.05) -> dict:
+    """Run one child under /usr/bin/time -v; stdout/stderr go to log.{out,err}.
+
+    Peak RSS is the larger of /usr/bin/time's "Maximum resident set size" and the child's VmHWM polled
+    every `poll_s`: a process that resets its own high-water mark (kiln does, through
+    /proc/self/clear_refs, to meter each phase) resets what the kernel reports to /usr/bin/time too,
+    which then sees only the peak since the last reset."""
     log.parent.mkdir(parents=True, exist_ok=True)
     tfile = log.with_suffix(".time")
     tfile.unlink(missing_ok=True)
@@ -107,18 +147,28 @@ def run_timed(cmd: list[str], env: dict, log: Path, timeout: float | None) -> di
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     timed_out = False
+    polled = 0
     with open(log.with_suffix(".out"), "w") as fo, open(log.with_suffix(".err"), "w") as fe:
         proc = subprocess.Popen(full, stdout=fo, stderr=fe, env=env, cwd=REPO, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: time and the python under it
-            rc = proc.wait()
-            timed_out = True
+        pids: list[int] = []
+        last_scan = 0.0
+        while proc.poll() is None:
+            now = time.perf_counter()
+            if now - last_scan > 0.5:
+                pids, last_scan = [proc.pid, *_descendants(proc.pid)], now
+            for pid in pids:
+                polled = max(polled, _vm_hwm(pid) or 0)
+            if timeout is not None and now - t0 > timeout:
+                os.killpg(proc.pid, signal.SIGKILL)  # the whole group: time and the python under it
+                timed_out = True
+                break
+            time.sleep(poll_s)
+        rc = proc.wait()
     elapsed = time.perf_counter() - t0
-    wall, rss = _parse_time_v(tfile.read_text()) if tfile.exists() else (None, None)
+    wall, rss, cpu = _parse_time_v(tfile.read_text()) if tfile.exists() else (None, None, None)
     return {"cmd": cmd, "rc": rc, "timed_out": timed_out, "wall_s": wall if wall is not None else elapsed,
-            "peak_rss_bytes": rss, "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "peak_rss_bytes": max(rss or 0, polled) or None, "rss_time_v_bytes": rss, "rss_polled_hwm_bytes": polled or None,
+            "cpu_s": cpu, "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             "stdout": log.with_suffix(".out").read_text(), "stderr": log.with_suffix(".err").read_text(),
             "log": str(log.with_suffix(".err"))}
 
@@ -355,35 +405,38 @@ def run_kiln(method: str, args, model_source, g: int, prep: dict, env: dict) -> 
         result["timed_recipe"] = str(timed_path)
         res = run_timed(cmd + [str(timed_path), "--out", str(out_dir), "--json", "--quiet"], env,
                         logs / f"kiln-{args.model}-{method}-compress", args.child_timeout)
-        result["timed"] = {k: res[k] for k in ("cmd", "rc", "wall_s", "peak_rss_bytes", "load_avg_1m", "log")}
+        result["timed"] = {k: res[k] for k in TIMED_KEYS}
         if res["rc"] != 0:
             return {**result, "error": _error_line(res)}
         first = _stdout_json(res["stdout"])
         result["timed"]["stages"] = [{k: s.get(k) for k in ("kind", "wall_s", "peak_rss_bytes", "cached")}
                                      for s in first["stages"]]
         result["calib_digest_kiln"] = _manifest(out_dir).get("data", {}).get("calibration", {}).get("token_digest")
+        result["timed"]["rss_kiln_meters_bytes"] = _kiln_meter_peak(first)
+        rss = max(res["peak_rss_bytes"] or 0, _kiln_meter_peak(first)) or None
         res2 = run_timed(cmd + [str(full_path), "--out", str(out_dir), "--json", "--quiet"], env,
                          logs / f"kiln-{args.model}-{method}-evaluate", args.child_timeout)
-        result["evaluate_run"] = {k: res2[k] for k in ("cmd", "rc", "wall_s", "peak_rss_bytes", "load_avg_1m", "log")}
+        result["evaluate_run"] = {k: res2[k] for k in TIMED_KEYS}
         if res2["rc"] != 0:
-            return {**result, "wall_s": res["wall_s"], "peak_rss_bytes": res["peak_rss_bytes"],
+            return {**result, "wall_s": res["wall_s"], "cpu_s": res["cpu_s"], "peak_rss_bytes": rss,
                     "error": "evaluation run: " + _error_line(res2)}
         out = _stdout_json(res2["stdout"])
         result["evaluate_run"]["stages_cached"] = [s.get("cached") for s in out["stages"]]
-        wall, rss = res["wall_s"], res["peak_rss_bytes"]
+        wall, cpu = res["wall_s"], res["cpu_s"]
     else:
         res = run_timed(cmd + [str(full_path), "--out", str(out_dir), "--json", "--quiet"], env,
                         logs / f"kiln-{args.model}-{method}", args.child_timeout)
-        result["timed"] = {k: res[k] for k in ("cmd", "rc", "wall_s", "peak_rss_bytes", "load_avg_1m", "log")}
+        result["timed"] = {k: res[k] for k in TIMED_KEYS}
         if res["rc"] != 0:
             return {**result, "error": _error_line(res)}
         out = _stdout_json(res["stdout"])
-        wall, rss = res["wall_s"], res["peak_rss_bytes"]
+        wall, rss, cpu = res["wall_s"], max(res["peak_rss_bytes"] or 0, _kiln_meter_peak(out)), res["cpu_s"]
+        result["timed"]["rss_kiln_meters_bytes"] = _kiln_meter_peak(out)
 
     m = out["metrics"]
     data = _manifest(out_dir).get("data", {})
     result.update({
-        "wall_s": wall, "peak_rss_bytes": rss,
+        "wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": rss,
         "perplexity": m["compressed"]["perplexity"][EVALUATION["name"]],
         "baseline_perplexity": m["baseline"]["perplexity"][EVALUATION["name"]],
         "size_bytes": m["compressed"].get("size_bytes"),
@@ -398,6 +451,13 @@ def run_kiln(method: str, args, model_source, g: int, prep: dict, env: dict) -> 
     return result
 
 
+def _kiln_meter_peak(out: dict) -> int:
+    """The largest per-phase peak RSS kiln reports about itself (plan, each stage, evaluation, artifact)."""
+    values = [v.get("peak_rss_bytes") or 0 for v in (out.get("timings") or {}).values() if isinstance(v, dict)]
+    values += [s.get("peak_rss_bytes") or 0 for s in out.get("stages") or []]
+    return max(values, default=0)
+
+
 def _manifest(run_dir: Path) -> dict:
     f = run_dir / "artifact" / "manifest.json"
     return json.loads(f.read_text()) if f.exists() else {}
@@ -409,14 +469,14 @@ def run_llmc(method: str, args, g: int, prep: dict, calib_npy: Path, env: dict, 
     cmd = [args.llmc_python, str(PEER), "--model", str(prep["model"].path), "--calib-ids", str(calib_npy),
            "--method", method, "--group-size", str(g), "--out", str(out_dir), "--threads", str(args.threads)]
     res = run_timed(cmd, env, args.workdir / "logs" / f"llmc-{args.model}-{method}", args.child_timeout)
-    result = {"out": str(out_dir), "timed": {k: res[k] for k in ("cmd", "rc", "wall_s", "peak_rss_bytes", "load_avg_1m", "log")}}
+    result = {"out": str(out_dir), "timed": {k: res[k] for k in TIMED_KEYS}}
     if res["rc"] != 0:
         return {**result, "error": _error_line(res)}
     try:
         result["child"] = json.loads(res["stdout"].strip().splitlines()[-1])
     except (json.JSONDecodeError, IndexError):
         pass
-    result.update({"wall_s": res["wall_s"], "peak_rss_bytes": res["peak_rss_bytes"],
+    result.update({"wall_s": res["wall_s"], "cpu_s": res["cpu_s"], "peak_rss_bytes": res["peak_rss_bytes"],
                    "size_bytes": sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))})
     try:
         result.update(evaluate_folder(out_dir, prep["eval"], ctx, want_act_quant=not args.llmc_weights_only_eval))
@@ -435,7 +495,7 @@ def _ratio(a, b):
 
 
 def build_rows(results: dict, baseline: float, model: str) -> list[dict]:
-    rows = [{"method": "fp32 (uncompressed)", "tool": "-", "wall_s": None, "rss_mib": None, "perplexity": baseline,
+    rows = [{"method": "fp32 (uncompressed)", "tool": "-", "wall_s": None, "cpu_s": None, "rss_mib": None, "perplexity": baseline,
              "notes": "same model folder and windows for every row"}]
     for method, r in results.items():
         k, l = r.get("kiln", {}), r.get("llmcompressor", {})
@@ -449,16 +509,19 @@ def build_rows(results: dict, baseline: float, model: str) -> list[dict]:
                 notes.append(f"{100 * s['zero_fraction']:.1f}% zeros" + (", 2:4 holds" if s["every_4_has_2_zeros"] else ""))
             if method == "sq_gptq_w8a8" and x.get("perplexity") is not None:
                 if tool == "kiln":
-                    notes.append("int8 activations (kiln W8A8 runtime) [b]")
+                    notes.append("int8 activations (kiln W8A8 runtime) †")
                 else:
-                    notes.append(("int8 activations" if x.get("activations_quantized") else "weights only, fp32 activations") + " [b]")
+                    notes.append(("int8 activations" if x.get("activations_quantized") else "weights only, fp32 activations") + " †")
+            if x.get("from_previous_invocation"):
+                notes.append("from a previous invocation")
             if tool == "kiln" and x.get("ids_match") is False:
                 notes.append("token ids differ from the ones given to llm-compressor!")
-            rows.append({"method": LABELS[method], "tool": tool, "wall_s": x.get("wall_s"),
+            rows.append({"method": LABELS[method], "tool": tool, "wall_s": x.get("wall_s"), "cpu_s": x.get("cpu_s"),
                          "rss_mib": x["peak_rss_bytes"] / 2**20 if x.get("peak_rss_bytes") else None,
                          "perplexity": x.get("perplexity"), "notes": "; ".join(notes)})
         rw = _ratio(k.get("wall_s"), l.get("wall_s"))
         rr = _ratio(k.get("peak_rss_bytes"), l.get("peak_rss_bytes"))
+        rc = _ratio(k.get("cpu_s"), l.get("cpu_s"))
         rp = _ratio(k.get("perplexity"), l.get("perplexity"))
         checks = []
         if rp is not None:
@@ -468,7 +531,7 @@ def build_rows(results: dict, baseline: float, model: str) -> list[dict]:
                 checks.append(f"wall ≤ 0.5: {'yes' if rw <= 0.5 else 'NO'}")
             if rr is not None:
                 checks.append(f"RSS ≤ 0.5: {'yes' if rr <= 0.5 else 'NO'}")
-        rows.append({"method": LABELS[method], "tool": "kiln / llm-compressor", "wall_s": rw, "rss_mib": rr,
+        rows.append({"method": LABELS[method], "tool": "kiln / llm-compressor", "wall_s": rw, "cpu_s": rc, "rss_mib": rr,
                      "perplexity": rp, "notes": "; ".join(checks), "ratio": True})
     return rows
 
@@ -478,7 +541,7 @@ def _fmt(v, ratio: bool, kind: str) -> str:
         return "—"
     if ratio:
         return f"{v:.3f}×" if kind == "perplexity" else f"{v:.2f}×"
-    return {"wall_s": f"{v:.1f}", "rss_mib": f"{v:.0f}", "perplexity": f"{v:.3f}"}[kind]
+    return {"wall_s": f"{v:.1f}", "cpu_s": f"{v:.1f}", "rss_mib": f"{v:.0f}", "perplexity": f"{v:.3f}"}[kind]
 
 
 def footnotes(args, prep: dict, g: int, results: dict) -> list[str]:
@@ -499,14 +562,18 @@ def footnotes(args, prep: dict, g: int, results: dict) -> list[str]:
            "reuses the stage results. " if args.kiln_timing == "compress" else
            "kiln: the whole `kiln run` including baseline and compressed perplexity evaluation. ")
         + "llm-compressor: load, oneshot, save_pretrained(save_compressed=True); its perplexity is computed in "
-          "the bench process, untimed.",
+          "the bench process, untimed. Peak RSS = max of /usr/bin/time's figure, the child's VmHWM polled every "
+          "50 ms and (kiln) the per-phase peaks kiln reports: kiln resets its own high-water mark per phase "
+          "(/proc/self/clear_refs), which also resets what /usr/bin/time sees, so that figure alone undercounts kiln. "
+          "CPU s = user + system seconds of the child (less sensitive than wall to "
+          "other load on a shared machine).",
         "Perplexity: kiln's figure is its own report (artifact weights as stored: fp16 scales and dense weights, "
         "fp32 compute); llm-compressor's output is loaded with CompressedTensorsConfig(run_compressed=False) "
         "(= dequantize=True in this transformers) in fp32: its stored weights, dequantized.",
         f"SmoothQuant smoothing strength α = {SMOOTHING_STRENGTH} for both tools (llm-compressor "
         f"SmoothQuantModifier(smoothing_strength={SMOOTHING_STRENGTH}), kiln smoothquant alpha {SMOOTHING_STRENGTH}). "
         "GPTQ: actorder static / act_order, block 128, dampening 0.01 for both.",
-        "[b] W8A8 activations: kiln evaluates with real dynamic per-token int8 activations (int8 GEMM). "
+        "† W8A8 activations: kiln evaluates with real dynamic per-token int8 activations (int8 GEMM). "
         "transformers' run_compressed=False / dequantize=True load only dequantizes the weights; "
         + ("the bench adds compressed-tensors' own dynamic per-token int8 fake quantization of each linear's "
            "input (the scheme stored in the checkpoint) so both figures quantize activations."
@@ -523,8 +590,8 @@ def footnotes(args, prep: dict, g: int, results: dict) -> list[str]:
 
 
 def render(rows: list[dict], notes: list[str], title: str) -> str:
-    head = ["method", "tool", "wall s", "peak RSS MiB", "perplexity", "notes"]
-    keys = ["wall_s", "rss_mib", "perplexity"]
+    head = ["method", "tool", "wall s", "peak RSS MiB", "perplexity", "CPU s", "notes"]
+    keys = ["wall_s", "rss_mib", "perplexity", "cpu_s"]
     md = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["method"], r["tool"]] + [_fmt(r[k], r.get("ratio", False), k) for k in keys] + [r["notes"].replace("|", "/")]
@@ -537,12 +604,13 @@ def print_table(rows: list[dict], notes: list[str], title: str) -> None:
     try:
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
     except ImportError:
         print(render(rows, notes, title))
         return
     t = Table(title=title, show_lines=False)
     for col, just in (("method", "left"), ("tool", "left"), ("wall s", "right"), ("peak RSS MiB", "right"),
-                      ("perplexity", "right"), ("notes", "left")):
+                      ("perplexity", "right"), ("CPU s", "right"), ("notes", "left")):
         t.add_column(col, justify=just, overflow="fold")
     prev = None
     for r in rows:
@@ -550,12 +618,13 @@ def print_table(rows: list[dict], notes: list[str], title: str) -> None:
             t.add_section()
         prev = r["method"]
         style = "bold" if r.get("ratio") else None
-        t.add_row(r["method"], r["tool"], *[_fmt(r[k], r.get("ratio", False), k) for k in ("wall_s", "rss_mib", "perplexity")],
-                  r["notes"], style=style)
+        cells = [r["method"], r["tool"], *[_fmt(r[k], r.get("ratio", False), k) for k in ("wall_s", "rss_mib", "perplexity", "cpu_s")],
+                 r["notes"]]
+        t.add_row(*[Text(c) for c in cells], style=style)
     con = Console(width=max(120, shutil.get_terminal_size((160, 20)).columns))
     con.print(t)
     for i, n in enumerate(notes):
-        con.print(f"{i + 1}. {n}", highlight=False, soft_wrap=True)
+        con.print(f"{i + 1}. {n}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _progress(tool: str, x: dict) -> None:
@@ -566,6 +635,24 @@ def _progress(tool: str, x: dict) -> None:
         msg = f"{x['wall_s']:.1f} s, peak RSS {rss / 2**20:.0f} MiB, perplexity {x['perplexity']:.3f}" if rss else \
             f"{x['wall_s']:.1f} s, perplexity {x['perplexity']:.3f}"
     print(f"[bench]   {tool}: {msg}", file=sys.stderr)
+
+
+def _merge_previous(results: dict, path: Path, prep: dict, methods: list[str]) -> None:
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    if (old.get("calibration", {}).get("sha256") != prep["calib"].digest
+            or old.get("evaluation", {}).get("sha256") != prep["eval"].digest):
+        print(f"[bench] {path}: other token ids; not merged", file=sys.stderr)
+        return
+    for method in methods:
+        for tool, entry in old.get("results", {}).get(method, {}).items():
+            if tool not in results.get(method, {}):
+                entry = {**entry, "from_previous_invocation": True}
+                tfile = Path(entry.get("timed", {}).get("log", "/nonexistent")).with_suffix(".time")
+                if entry.get("cpu_s") is None and entry.get("wall_s") is not None and tfile.exists():
+                    entry["cpu_s"] = _parse_time_v(tfile.read_text())[2]
+                results.setdefault(method, {})[tool] = entry
 
 
 # --- main ------------------------------------------------------------------------------------------
@@ -589,6 +676,9 @@ def main() -> None:
     ap.add_argument("--llmc-weights-only-eval", action="store_true",
                     help="evaluate llm-compressor's W8A8 without activation quantization (transformers' default)")
     ap.add_argument("--child-timeout", type=float, default=None, help="seconds before a child is killed")
+    ap.add_argument("--keep-previous", action="store_true",
+                    help="fill (method, tool) entries not run now (see --tools) from the previous results-<model>.json "
+                         "in --workdir, when its calibration and evaluation token ids are the same")
     args = ap.parse_args()
     args.eval_seq_len = args.eval_seq_len or args.seq_len
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -641,6 +731,8 @@ def main() -> None:
                 results[method]["llmcompressor"] = {"error": f"bench: {type(exc).__name__}: {exc}"}
             _progress("llm-compressor", results[method]["llmcompressor"])
 
+    if args.keep_previous:
+        _merge_previous(results, args.workdir / f"results-{args.model}.json", prep, methods)
     kiln_baselines = {m: r["kiln"]["baseline_perplexity"] for m, r in results.items() if r.get("kiln", {}).get("baseline_perplexity")}
     rows = build_rows(results, baseline, args.model)
     notes = footnotes(args, prep, g, results)

@@ -75,10 +75,20 @@ class RunContext:
 
         console = Console(stderr=True, force_terminal=None if os.isatty(2) else False)
         cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-        with Progress(*cols, console=console, transient=False, disable=not console.is_terminal) as bar:
+        if not console.is_terminal:  # a log, not a terminal: one line per tenth of the work
+            state = {"done": 0, "t0": time.perf_counter(), "next": 0}
+
+            def advance(n=1):
+                state["done"] += n
+                if state["done"] >= state["next"] or state["done"] == total:
+                    console.print(f"{description} {state['done']}/{total} "
+                                  f"({time.perf_counter() - state['t0']:.0f} s)", highlight=False)
+                    state["next"] = state["done"] + max(1, total // 10)
+            console.print(f"{description} 0/{total}", highlight=False)
+            yield advance
+            return
+        with Progress(*cols, console=console, transient=False) as bar:
             task = bar.add_task(description, total=total)
-            if not console.is_terminal:
-                console.print(f"{description} ...")
             yield lambda n=1: bar.advance(task, n)
 
     def log(self, message: str) -> None:
