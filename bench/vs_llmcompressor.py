@@ -512,6 +512,9 @@ def build_rows(results: dict, baseline: float, model: str) -> list[dict]:
                     notes.append("int8 activations (kiln W8A8 runtime) †")
                 else:
                     notes.append(("int8 activations" if x.get("activations_quantized") else "weights only, fp32 activations") + " †")
+            la = x.get("timed", {}).get("load_avg_1m")
+            if la and x.get("wall_s") is not None:
+                notes.append(f"load avg {la[0]:.1f}→{la[1]:.1f}")
             if x.get("from_previous_invocation"):
                 notes.append("from a previous invocation")
             if tool == "kiln" and x.get("ids_match") is False:
@@ -585,7 +588,8 @@ def footnotes(args, prep: dict, g: int, results: dict) -> list[str]:
     if loads:
         peak = max(max(x) for x in loads)
         notes.append(f"Machine: {os.cpu_count()} cores, shared; 1-minute load average seen around the children "
-                     f"≤ {peak:.1f} (timings on a loaded machine are noisy).")
+                     f"≤ {peak:.1f} (each row: before→after its child). Timings on a loaded machine are noisy, and "
+                     "multi-threaded tiny-op loops suffer most from oversubscription.")
     return notes
 
 
@@ -637,22 +641,25 @@ def _progress(tool: str, x: dict) -> None:
     print(f"[bench]   {tool}: {msg}", file=sys.stderr)
 
 
-def _merge_previous(results: dict, path: Path, prep: dict, methods: list[str]) -> None:
-    if not path.exists():
-        return
-    old = json.loads(path.read_text())
-    if (old.get("calibration", {}).get("sha256") != prep["calib"].digest
-            or old.get("evaluation", {}).get("sha256") != prep["eval"].digest):
-        print(f"[bench] {path}: other token ids; not merged", file=sys.stderr)
-        return
-    for method in methods:
-        for tool, entry in old.get("results", {}).get(method, {}).items():
-            if tool not in results.get(method, {}):
-                entry = {**entry, "from_previous_invocation": True}
-                tfile = Path(entry.get("timed", {}).get("log", "/nonexistent")).with_suffix(".time")
-                if entry.get("cpu_s") is None and entry.get("wall_s") is not None and tfile.exists():
-                    entry["cpu_s"] = _parse_time_v(tfile.read_text())[2]
-                results.setdefault(method, {})[tool] = entry
+def _merge_previous(results: dict, path: Path, prep: dict) -> dict:
+    """Entries (method, tool) this invocation did not run, from the previous results file with the same
+    token ids; returned in the canonical method order."""
+    if path.exists():
+        old = json.loads(path.read_text())
+        if (old.get("calibration", {}).get("sha256") != prep["calib"].digest
+                or old.get("evaluation", {}).get("sha256") != prep["eval"].digest):
+            print(f"[bench] {path}: other token ids; not merged", file=sys.stderr)
+        else:
+            for method, tools in old.get("results", {}).items():
+                for tool, entry in tools.items():
+                    if tool in results.get(method, {}):
+                        continue
+                    entry = {**entry, "from_previous_invocation": True}
+                    tfile = Path(entry.get("timed", {}).get("log", "/nonexistent")).with_suffix(".time")
+                    if entry.get("cpu_s") is None and entry.get("wall_s") is not None and tfile.exists():
+                        entry["cpu_s"] = _parse_time_v(tfile.read_text())[2]
+                    results.setdefault(method, {})[tool] = entry
+    return {m: results[m] for m in METHODS if m in results}
 
 
 # --- main ------------------------------------------------------------------------------------------
@@ -677,8 +684,8 @@ def main() -> None:
                     help="evaluate llm-compressor's W8A8 without activation quantization (transformers' default)")
     ap.add_argument("--child-timeout", type=float, default=None, help="seconds before a child is killed")
     ap.add_argument("--keep-previous", action="store_true",
-                    help="fill (method, tool) entries not run now (see --tools) from the previous results-<model>.json "
-                         "in --workdir, when its calibration and evaluation token ids are the same")
+                    help="add the (method, tool) entries not run now (see --methods, --tools) from the previous "
+                         "results-<model>.json in --workdir, when its calibration and evaluation token ids are the same")
     args = ap.parse_args()
     args.eval_seq_len = args.eval_seq_len or args.seq_len
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -732,7 +739,7 @@ def main() -> None:
             _progress("llm-compressor", results[method]["llmcompressor"])
 
     if args.keep_previous:
-        _merge_previous(results, args.workdir / f"results-{args.model}.json", prep, methods)
+        results = _merge_previous(results, args.workdir / f"results-{args.model}.json", prep)
     kiln_baselines = {m: r["kiln"]["baseline_perplexity"] for m, r in results.items() if r.get("kiln", {}).get("baseline_perplexity")}
     rows = build_rows(results, baseline, args.model)
     notes = footnotes(args, prep, g, results)
