@@ -352,7 +352,6 @@ def baseline_perplexity(model_path: Path, windows, ctx) -> float:
 def sparsity_report(folder: Path, layers_prefix: str = "model.layers.") -> dict | None:
     """Fraction of zeros over the decoder linears' dense weights, and whether every run of 4 inputs
     holds ≥ 2 zeros. None when the checkpoint stores those weights packed (quantized)."""
-    import torch
     from safetensors import safe_open
 
     zeros = total = 0
@@ -501,6 +500,8 @@ def build_rows(results: dict, baseline: float, model: str) -> list[dict]:
         k, l = r.get("kiln", {}), r.get("llmcompressor", {})
         for tool, x in (("kiln", k), ("llm-compressor", l)):
             notes = []
+            if not x:
+                notes.append("not run in this invocation (--tools)")
             if x.get("error"):
                 first = x["error"].strip().splitlines()[0] if x["error"].strip() else "failed"
                 notes.append(first if len(first) <= 160 else first[:157] + "...")
@@ -583,7 +584,9 @@ def footnotes(args, prep: dict, g: int, results: dict) -> list[str]:
            if not args.llmc_weights_only_eval else
            "with --llmc-weights-only-eval its activations stay fp32 (flattering it)."),
         "AWQ: llm-compressor AWQModifier() defaults (mappings inferred, duo_scaling, n_grid 20) + QuantizationModifier "
-        "int4 asymmetric groups; kiln awq + rtn, asymmetric groups.",
+        "int4 asymmetric groups (llm-compressor skips the v_proj→o_proj mapping where GQA makes the shapes differ); "
+        "kiln awq (its defaults: scale grid 20, per-group clipping search) + rtn, asymmetric groups. "
+        "SparseGPT: sparsity 0.5 (unstructured) or 2:4, block 128, dampening 0.01 for both; llm-compressor saves it dense.",
     ]
     if loads:
         peak = max(max(x) for x in loads)

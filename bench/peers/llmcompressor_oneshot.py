@@ -18,6 +18,9 @@ Methods (G = --group-size):
   sparsegpt_50  SparseGPTModifier(sparsity=0.5)            (unstructured)
   sparsegpt_24  SparseGPTModifier(sparsity=0.5, mask_structure="2:4")
 lm_head is ignored everywhere (kiln only touches linears inside decoder layers).
+
+CPU-only workaround (see cpu_workarounds): AWQ's activation cache calls Tensor.pin_memory(), which
+raises without an accelerator; pinning is turned into a no-op.
 """
 
 from __future__ import annotations
@@ -72,6 +75,22 @@ def build_recipe(method: str, group_size: int):
     raise SystemExit(f"unknown method {method!r}; one of {', '.join(METHODS)}")
 
 
+def cpu_workarounds() -> list[str]:
+    """llm-compressor 0.14 on a machine without an accelerator: AWQModifier pins its cached
+    activations (IntermediatesCache.pin_memory, only a host→device transfer optimization), and
+    Tensor.pin_memory() raises "Cannot access accelerator device when none is available". Pinning is
+    skipped when there is no accelerator; nothing else changes."""
+    import torch
+
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    applied = []
+    if not torch.accelerator.is_available():
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+        applied.append("IntermediatesCache.pin_memory disabled (no accelerator)")
+    return applied
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="HF checkpoint folder (fp32 safetensors)")
@@ -97,6 +116,7 @@ def main() -> None:
 
     from llmcompressor import oneshot
 
+    workarounds = cpu_workarounds()
     timings = {"import_s": time.perf_counter() - t_start}
     ids = np.load(args.calib_ids)
     if ids.ndim != 2 or ids.dtype != np.int64:
@@ -132,7 +152,7 @@ def main() -> None:
 
     print(json.dumps({"method": args.method, "group_size": args.group_size, "samples": int(n), "seq_len": int(seq_len),
                       "llmcompressor": llmcompressor.__version__, "torch": torch.__version__,
-                      "threads": torch.get_num_threads(), "timings": {k: round(v, 3) for k, v in timings.items()}}))
+                      "threads": torch.get_num_threads(), "workarounds": workarounds, "timings": {k: round(v, 3) for k, v in timings.items()}}))
     sys.stdout.flush()
 
 
