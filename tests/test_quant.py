@@ -93,6 +93,16 @@ def test_singular_hessian_is_rescued_by_damping():
     assert torch.isfinite(U).all() and damp >= 1e-12
 
 
+def test_damped_factor_is_the_upper_cholesky_factor_of_the_inverse():
+    X = torch.randn(256, 48, dtype=torch.float64) * torch.linspace(0.1, 3.0, 48, dtype=torch.float64)
+    H = (2 * X.T @ X / 256).float()
+    U, damp = damped_cholesky_inverse(H, 0.01, "l")
+    Hd = H.double() + damp * float(torch.diag(H).mean()) * torch.eye(48, dtype=torch.float64)
+    assert torch.equal(U, U.triu())
+    assert torch.allclose(U.double().T @ U.double(), torch.linalg.inv(Hd), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(U.double(), torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True), rtol=1e-4, atol=1e-6)
+
+
 def test_non_finite_hessian_names_the_layer():
     H = torch.eye(8)
     H[0, 0] = float("nan")

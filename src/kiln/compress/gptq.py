@@ -64,16 +64,27 @@ def damped_cholesky_inverse(H: torch.Tensor, damp: float, name: str = "layer", m
     lam = damp
     while lam <= max_damp * (1 + 1e-9):
         Hd = H.double() + lam * max(mean_diag, 1e-8) * torch.eye(H.shape[0], dtype=torch.float64)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0 and torch.isfinite(U).all():
-                return U.float(), lam
+        U, ok = _upper_cholesky_of_inverse(Hd)
+        if ok:
+            return U.float(), lam
         lam *= 10
     raise HessianNotPositiveDefinite(
         f"{name}: Hessian is not positive definite even with damping {max_damp:g}·mean(diag)"
     )
+
+
+def _upper_cholesky_of_inverse(H: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Upper-triangular U with H⁻¹ = UᵀU, from one Cholesky factorization and one triangular solve.
+
+    With J the order-reversing permutation, JHJ = MMᵀ (M lower) gives H⁻¹ = (JM⁻ᵀJ)(JM⁻¹J), and
+    U = JM⁻¹J is upper triangular: half the work of inverting H and factoring the inverse again."""
+    n = H.shape[0]
+    M, info = torch.linalg.cholesky_ex(H.flip(0, 1))
+    if int(info) != 0:
+        return H, False
+    Minv = torch.linalg.solve_triangular(M, torch.eye(n, dtype=H.dtype), upper=False)
+    U = Minv.flip(0, 1)
+    return U, bool(torch.isfinite(U).all())
 
 
 def _effective_block(block_size: int, group_size: int | None) -> int:
@@ -85,7 +96,6 @@ def _effective_block(block_size: int, group_size: int | None) -> int:
     return math.gcd(group_size, block_size)
 
 
-@single_threaded
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -107,7 +117,6 @@ def gptq_quantize(
         W[~keep] = 0.0
     H = H.detach().float().clone()
     rows, cols = W.shape
-    width = scheme.group_width(cols)
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -125,39 +134,48 @@ def gptq_quantize(
     W = W[:, perm]
     H = H[perm][:, perm]
     pruned = None if keep is None else ~keep[:, perm]
-    Hinv, damp_used = damped_cholesky_inverse(H, damp, name)
+    Hinv, damp_used = damped_cholesky_inverse(H, damp, name)  # LAPACK: all threads
 
-    codes = torch.zeros_like(W)
-    losses = torch.zeros(rows)
     bs = _effective_block(block_size, scheme.group_size) if not act_order else block_size
-    for i1 in range(0, cols, bs):
-        i2 = min(i1 + bs, cols)
-        W1 = W[:, i1:i2]  # a view: in-block updates are visible to the grid of a group starting inside it
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            orig = int(perm[col])
-            g = orig // width
-            if not static and scheme.group_size is not None and orig % width == 0:
-                s, z = grid_params(W[:, col : col + width], scheme)
-                scale_g[:, g], zero_g[:, g] = s, z
-            s, z = scale_g[:, g], zero_g[:, g]
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            q_code = quantize_column(w, s, z, scheme.maxq)
-            if pruned is not None:
-                q_code = torch.where(pruned[:, col], z, q_code)
-            q = (q_code - z) * s
-            codes[:, col] = q_code
-            err = (w - q) / d  # (rows,)
-            losses += (w - q) ** 2 / d**2 / 2
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-
+    codes, losses = _quantize_columns(W, Hinv, scale_g, zero_g, perm.tolist(), scheme, static, bs, pruned)
     inv = torch.argsort(perm)
     codes = codes[:, inv]
     qw = QuantizedWeight(codes.to(torch.uint8), scale_g, zero_g.to(torch.uint8), scheme.bits, scheme.group_size, scheme.symmetric)
     return qw, {"loss": float(losses.sum()), "damp": damp_used}
 
+
+@single_threaded
+def _quantize_columns(W, Hinv, scale_g, zero_g, order: list[int], scheme: QuantScheme, static: bool, bs: int,
+                      pruned: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The column loop, on Wᵀ so that each column of W is one contiguous row (thousands of tiny
+    vector ops: one thread is fastest). Fills scale_g/zero_g in place for dynamic groups."""
+    cols, rows = W.shape[1], W.shape[0]
+    width = scheme.group_width(cols)
+    Wt = W.t().contiguous()  # (in, out)
+    codes = torch.zeros_like(Wt)
+    losses = torch.zeros(rows)
+    prunedt = None if pruned is None else pruned.t().contiguous()
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        W1 = Wt[i1:i2]  # a view: in-block updates are visible to the grid of a group starting inside it
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        diag = Hinv1.diagonal().tolist()
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = order[col] // width
+            if not static and scheme.group_size is not None and order[col] % width == 0:
+                s, z = grid_params(Wt[col : col + width].t(), scheme)
+                scale_g[:, g], zero_g[:, g] = s, z
+            s, z = scale_g[:, g], zero_g[:, g]
+            w = W1[i]
+            q_code = quantize_column(w, s, z, scheme.maxq)
+            if prunedt is not None:
+                q_code = torch.where(prunedt[col], z, q_code)
+            codes[col] = q_code
+            err = Err1[i]
+            torch.sub(w, (q_code - z).mul_(s), out=err).div_(diag[i])  # (w - q) / [H⁻¹]_ii
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1.0)
+        losses += Err1.pow(2).sum(0) / 2  # Σ (w - q)² / [H⁻¹]_ii² / 2 over the block
+        Wt[i2:] -= Hinv[i1:i2, i2:].t() @ Err1
+    return codes.t(), losses
