@@ -60,31 +60,39 @@ def damped_cholesky_inverse(H: torch.Tensor, damp: float, name: str = "layer", m
     largest damping leaves H singular (e.g. NaN activations)."""
     if not torch.isfinite(H).all():
         raise HessianNotPositiveDefinite(f"{name}: the Hessian of its inputs has NaN/inf entries")
-    mean_diag = float(torch.diag(H).mean())
+    mean_diag = max(float(torch.diag(H).mean()), 1e-8)
     lam = damp
     while lam <= max_damp * (1 + 1e-9):
-        Hd = H.double() + lam * max(mean_diag, 1e-8) * torch.eye(H.shape[0], dtype=torch.float64)
-        U, ok = _upper_cholesky_of_inverse(Hd)
-        if ok:
-            return U.float(), lam
+        U = _upper_cholesky_of_inverse(H, lam * mean_diag)
+        if U is not None:
+            return U, lam
         lam *= 10
     raise HessianNotPositiveDefinite(
         f"{name}: Hessian is not positive definite even with damping {max_damp:g}·mean(diag)"
     )
 
 
-def _upper_cholesky_of_inverse(H: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Upper-triangular U with H⁻¹ = UᵀU, from one Cholesky factorization and one triangular solve.
+def _upper_cholesky_of_inverse(H: torch.Tensor, shift: float) -> torch.Tensor | None:
+    """Upper-triangular U (float32) with (H + shift·I)⁻¹ = UᵀU, or None if H + shift·I is not
+    positive definite. One float64 Cholesky factorization and one in-place triangular solve.
 
-    With J the order-reversing permutation, JHJ = MMᵀ (M lower) gives H⁻¹ = (JM⁻ᵀJ)(JM⁻¹J), and
-    U = JM⁻¹J is upper triangular: half the work of inverting H and factoring the inverse again."""
+    With J the order-reversing permutation, J(H + shift·I)J = MMᵀ (M lower) gives
+    (H + shift·I)⁻¹ = (JM⁻ᵀJ)(JM⁻¹J), and U = JM⁻¹J is upper triangular: half the work of inverting
+    and factoring again, and at most two n×n float64 matrices alive (5632² of them: 254 MB each)."""
     n = H.shape[0]
-    M, info = torch.linalg.cholesky_ex(H.flip(0, 1))
+    A = H.flip(0, 1).double()
+    A.diagonal().add_(shift)
+    M, info = torch.linalg.cholesky_ex(A)
+    del A
     if int(info) != 0:
-        return H, False
-    Minv = torch.linalg.solve_triangular(M, torch.eye(n, dtype=H.dtype), upper=False)
-    U = Minv.flip(0, 1)
-    return U, bool(torch.isfinite(U).all())
+        return None
+    Minv = torch.eye(n, dtype=torch.float64)
+    torch.linalg.solve_triangular(M, Minv, upper=False, out=Minv)
+    del M
+    U = Minv.float()
+    del Minv
+    U = U.flip(0, 1)
+    return U if bool(torch.isfinite(U).all()) else None
 
 
 def _effective_block(block_size: int, group_size: int | None) -> int:
@@ -115,11 +123,12 @@ def gptq_quantize(
     W = W.detach().float().clone()
     if keep is not None:
         W[~keep] = 0.0
-    H = H.detach().float().clone()
+    H = H.detach().float()
     rows, cols = W.shape
 
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    diag = torch.diag(H).clone()
+    dead = diag == 0
+    diag[dead] = 1.0
     W[:, dead] = 0.0
 
     static = act_order and scheme.group_size is not None
@@ -130,9 +139,10 @@ def gptq_quantize(
         scale_g = torch.zeros(rows, G)
         zero_g = torch.zeros(rows, G)
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    perm = torch.argsort(diag, descending=True) if act_order else torch.arange(cols)
     W = W[:, perm]
-    H = H[perm][:, perm]
+    H = H[perm[:, None], perm]  # one permuted copy; the caller's H is left as it was
+    H[dead[perm], dead[perm]] = 1.0
     pruned = None if keep is None else ~keep[:, perm]
     Hinv, damp_used = damped_cholesky_inverse(H, damp, name)  # LAPACK: all threads
 
