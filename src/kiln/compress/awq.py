@@ -24,7 +24,7 @@ from kiln.compress.base import StageConfig
 from kiln.compress.quant import QuantScheme, grid_params, quantize_column, rtn_quantize
 
 SCALE_TOKENS = 4096  # token rows kept for the scale search
-CLIP_TOKENS = 2048  # token rows kept for the clipping search
+CLIP_TOKENS = 512  # token rows kept for the clipping search (AutoAWQ auto_clip: 512)
 CLIP_SKIP = ("q_proj", "k_proj", "c_attn")  # see AWQConfig.smooth
 CLIP_CHUNK_ELEMS = 1 << 22  # rows per chunk in awq_clip: tokens × rows ≤ this
 
