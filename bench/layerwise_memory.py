@@ -4,8 +4,8 @@ Builds a seeded random LLaMA with TinyLlama-1.1B's shape (weights only: the poin
 quality), saves it as sharded safetensors, then runs `kiln run` on it in a child process and reads
 that child's peak RSS. kiln resets its own peak mark per phase (/proc/self/clear_refs, for the
 per-stage figures in the manifest), which also resets what getrusage reports, so the peak here is
-the larger of (a) the child's RSS polled every 20 ms from /proc/PID/status and (b) the largest
-per-phase peak kiln itself recorded. Run:
+the larger of (a) what vs_llmcompressor.run_timed measures (/usr/bin/time and the child's VmHWM
+polled every 50 ms) and (b) the largest per-phase peak kiln itself recorded. Run:
 
     python bench/layerwise_memory.py [--workdir /tmp/kiln-1b] [--samples 16] [--seq-len 256]
 """
@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from vs_llmcompressor import run_timed  # same folder: a script's own folder is on sys.path
 
 
 def build_model(path: Path, seed: int) -> int:
@@ -41,29 +43,6 @@ print(sum(p.numel() for p in model.parameters()))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
-
-
-def run_polled(cmd: list[str], env: dict, every_s: float = 0.02) -> tuple[int, str, str, int]:
-    """Run `cmd`; return (exit code, stdout, stderr, largest VmRSS seen while it ran)."""
-    import threading
-
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    chunks: dict[str, list[str]] = {"out": [], "err": []}
-    readers = [threading.Thread(target=lambda s=s, k=k: chunks[k].append(s.read()), daemon=True)
-               for k, s in (("out", proc.stdout), ("err", proc.stderr))]
-    for r in readers:
-        r.start()
-    peak = 0
-    while proc.poll() is None:
-        try:
-            with open(f"/proc/{proc.pid}/status") as f:
-                peak = max([peak] + [int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:")])
-        except OSError:
-            pass
-        time.sleep(every_s)
-    for r in readers:
-        r.join()
-    return proc.returncode, "".join(chunks["out"]), "".join(chunks["err"]), peak
 
 
 def main() -> None:
@@ -95,13 +74,14 @@ def main() -> None:
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     run_dir = args.workdir / "run"
     t0 = time.perf_counter()
-    rc, stdout, stderr, polled = run_polled(
-        [sys.executable, "-m", "kiln.cli", "run", str(recipe_path), "--out", str(run_dir), "--json", "--quiet"],
-        env={**os.environ, "KILN_CACHE": str(args.workdir / "cache")})
+    res = run_timed([sys.executable, "-m", "kiln.cli", "run", str(recipe_path), "--out", str(run_dir), "--json", "--quiet"],
+                    env={**os.environ, "KILN_CACHE": str(args.workdir / "cache")}, log=args.workdir / "logs" / "kiln-run",
+                    timeout=None)
     wall = time.perf_counter() - t0
-    if rc:
-        sys.exit(f"kiln run failed ({rc}):\n{stderr}")
-    result = json.loads(stdout)
+    if res["rc"]:
+        sys.exit(f"kiln run failed ({res['rc']}):\n{res['stderr']}")
+    polled = res["peak_rss_bytes"] or 0
+    result = json.loads(res["stdout"])
     metered = max(v.get("peak_rss_bytes") or 0 for v in result.get("timings", {}).values())
     peak = max(polled, metered)
     stage = result["stages"][0]
@@ -112,7 +92,7 @@ def main() -> None:
           f"{peak / 2**30:.2f} GiB | {peak / fp32_bytes:.2f} | {stage['peak_rss_bytes'] / 2**30:.2f} GiB | {wall:.0f} s |")
     print(f"calibration {args.samples}×{args.seq_len} tokens, {len(stage['modules'])} linears quantized, "
           f"artifact {sum(f.stat().st_size for f in Path(result['artifact']).rglob('*') if f.is_file()) / 2**30:.2f} GiB; "
-          f"peak polled {polled / 2**30:.2f} GiB, largest per-phase peak kiln recorded {metered / 2**30:.2f} GiB", file=sys.stderr)
+          f"peak measured by run_timed {polled / 2**30:.2f} GiB, largest per-phase peak kiln recorded {metered / 2**30:.2f} GiB", file=sys.stderr)
 
 
 if __name__ == "__main__":
