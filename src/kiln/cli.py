@@ -157,8 +157,34 @@ def _print_manifest(m: dict, verified: bool) -> None:
                 f"{s['wall_s']:.1f} s, peak RSS {_fmt_bytes(s['peak_rss_bytes'])}")
     if m.get("metrics"):
         c.print(_metrics_table(m["metrics"]))
+    if m.get("compile"):
+        _print_compile(c, m["compile"])
     c.print(f"{len(m.get('files', {}))} files, {_fmt_bytes(m.get('size_bytes', 0))}"
             + (" — all sha256 digests verified" if verified else " — digests not checked"))
+
+
+def _print_compile(c, section: dict) -> None:
+    from rich.table import Table
+
+    cpu = section.get("cpu") or {}
+    isa = [k for k in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if cpu.get(k)]
+    c.print(f"compiled on: {cpu.get('model')} ({cpu.get('cores')} cores; {', '.join(isa) or 'no AVX2'})")
+    for name, t in section.get("targets", {}).items():
+        c.print(f"[bold]onnx/{name}[/bold]: {t['target']} {t['dtype']} ({t['provider']}), linears {t['linears']}, "
+                f"runtime checks {t['runtime_checks']}")
+        after = t.get("op_histogram_optimized") or {}
+        h = Table(title=f"onnx/{name} ops: as exported → as ONNX Runtime runs it")
+        h.add_column("op")
+        h.add_column("exported", justify="right")
+        h.add_column("optimized", justify="right")
+        for op in sorted(set(t["op_histogram"]) | set(after), key=lambda o: -max(t["op_histogram"].get(o, 0), after.get(o, 0))):
+            h.add_row(op, str(t["op_histogram"].get(op, 0)), str(after.get(op, "-")) if after else "-")
+        c.print(h)
+        p = t.get("parity")
+        if p:
+            c.print(f"parity vs PyTorch ({p['windows']} windows, {p['positions']} positions): top-1 {p['top1_agreement']:.4f}, "
+                    f"ppl {p['perplexity_onnx']:.4f} vs {p['perplexity_torch']:.4f} ({100 * p['perplexity_rel']:+.3f}%), "
+                    f"max |Δ logit| {p['max_abs_logit']:.2e} — {'passed' if p['passed'] else 'FAILED'}")
 
 
 def main() -> None:  # pragma: no cover

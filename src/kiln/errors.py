@@ -53,4 +53,12 @@ class ArtifactError(KilnError):
     label = "artifact invalid"
 
 
-EXIT_CODES = {cls.label: cls.exit_code for cls in (RecipeError, InputError, CompressionError, EvaluationError, ArtifactError)}
+class CompileError(KilnError):
+    """A graph could not be built, is structurally invalid, or disagrees with the PyTorch model."""
+
+    exit_code = 8
+    label = "compile failed"
+
+
+EXIT_CODES = {cls.label: cls.exit_code for cls in (RecipeError, InputError, CompressionError, EvaluationError, ArtifactError,
+                                                    CompileError)}

@@ -121,6 +121,7 @@ def make_plan(recipe: Recipe, model: ResolvedModel) -> Plan:
     plan = Plan(recipe, model, layout.layers_path, layout.num_layers, linears,
                 max_positions=getattr(skeleton.config, "max_position_embeddings", None) or getattr(skeleton.config, "n_positions", None),
                 tied={n: names[0] for n, names in tied_aliases(skeleton).items() if n != names[0]})
+    skeleton_config = skeleton.config
     del skeleton
 
     from kiln.artifact.formats import format_problems
@@ -156,12 +157,36 @@ def make_plan(recipe: Recipe, model: ResolvedModel) -> Plan:
         shown = problems[:6] + ([f"... and {len(problems) - 6} more"] if len(problems) > 6 else [])
         raise RecipeError(f"output.format {recipe.output.format.value!r} cannot store this plan:\n  " + "\n  ".join(shown))
 
+    if recipe.compile is not None:
+        problems += _compile_problems(recipe, plan, skeleton_config)
+    if problems:
+        shown = problems[:6] + ([f"... and {len(problems) - 6} more"] if len(problems) > 6 else [])
+        raise RecipeError("compile cannot export this plan:\n  " + "\n  ".join(shown))
+
     lengths = [("data.calibration.seq_len", recipe.data.calibration.seq_len)] if recipe.data.calibration else []
     lengths += [(f"data.evaluation[{i}].seq_len", e.seq_len) for i, e in enumerate(recipe.data.evaluation)]
     for where, n in lengths:
         if plan.max_positions and n > plan.max_positions:
             raise RecipeError(f"{where}: {n} tokens exceeds the model's {plan.max_positions} positions")
     return plan
+
+
+def _compile_problems(recipe: Recipe, plan: Plan, config) -> list[str]:
+    """What the ONNX export cannot represent, found before any weight is touched: the family, and
+    every quantized layer's grid against MatMulNBits (2/4/8 bits, blocks of a power of two ≥ 16)."""
+    from kiln.compile.decoder import spec_from_config
+    from kiln.compile.weights import nbits_problem
+
+    spec_from_config(config, has_lm_head=True)  # raises naming the model type when there is no layout
+    out = []
+    for m, q in plan.quantized.items():
+        if q.get("activation_bits"):
+            continue  # W8A8 → MatMulInteger: any per-channel int8 grid
+        if q["bits"] not in (2, 4, 8):
+            out.append(f"{m}: {q['bits']}-bit weights; MatMulNBits stores 2, 4 or 8 bits (use bits 4 or 8, or drop compile)")
+        elif (p := nbits_problem(m, q["group_size"], plan.linears[m]["in_features"])) is not None:
+            out.append(p)
+    return out
 
 
 def plan_recipe(recipe: Recipe) -> Plan:
@@ -370,6 +395,13 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
                     "metrics": _public_metrics(metrics),
                     "timings": {m.name: m.as_dict() for m in ctx.meters},
                 })
+                if recipe.compile is not None:
+                    from kiln.compile import compile_all
+
+                    first = next(iter(eval_sets.values()))
+                    sparse = {t: "dense" for t in plan.sparse}
+                    manifest["compile"] = compile_all(recipe.compile, model.path, store.rounded(out_dtype), tmp, first.ids,
+                                                      first.prefix_len, sparse, ctx, recipe.model.trust_remote_code)
                 size = _dense_size_bytes(WeightStore(model.path), torch.finfo(out_dtype).bits // 8)
                 manifest["metrics"].setdefault("baseline", {})["size_bytes"] = size
                 artifact.commit(tmp, target, manifest)

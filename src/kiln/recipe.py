@@ -1,7 +1,7 @@
 """The recipe: one YAML file, validated into frozen typed models before anything runs.
 
 Sections: `model`, `data` (calibration and evaluation), `compress` (ordered stages), `evaluate`,
-`output`. Errors carry the YAML path *and* the line so the user can jump to it.
+`compile` (ONNX targets), `output`. Errors carry the YAML path *and* the line so the user can jump to it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kiln.compile.targets import CompileConfig
 from kiln.compress import CompressConfig
 from kiln.errors import InputError, RecipeError
 
@@ -112,6 +113,7 @@ class Recipe(Frozen):
     data: DataConfig = Field(default_factory=DataConfig)
     compress: list[Annotated[CompressConfig, Field(discriminator="kind")]] = Field(default_factory=list)
     evaluate: EvaluateConfig | None = Field(default_factory=EvaluateConfig)
+    compile: CompileConfig | None = None
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
@@ -121,6 +123,8 @@ class Recipe(Frozen):
             raise ValueError(f"stages {needs_calib} need calibration text: add data.calibration.source")
         if self.evaluate is not None and self.evaluate.perplexity and not self.data.evaluation:
             raise ValueError("evaluate.perplexity is on but data.evaluation lists no text; add one or set evaluate: null")
+        if self.compile is not None and not self.data.evaluation:
+            raise ValueError("compile checks parity on evaluation text, but data.evaluation lists none; add one")
         return self
 
     def digest(self) -> str:
@@ -152,7 +156,8 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in {"rtn", "gptq", "awq", "smoothquant", "sparsegpt", "distill"} and out.startswith("compress"):
+        elif (part in {"rtn", "gptq", "awq", "smoothquant", "sparsegpt", "distill"} and out.startswith("compress")
+              or part in {"cpu", "cuda"} and out.startswith("compile")):
             continue  # pydantic inserts the union tag; the user never wrote it
         else:
             out += f".{part}" if out else str(part)

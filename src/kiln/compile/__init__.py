@@ -1,0 +1,202 @@
+"""compile: the compressed model → one ONNX decoder graph per target, checked against PyTorch.
+
+For each target: build the graph from the weight store (our codes become MatMulNBits, W8A8 layers
+int8 MatMulInteger), save it with external weights, check it structurally (onnx checker, shape
+inference), and where the target's runtime exists here, compare it with kiln's PyTorch model of the
+same weights on evaluation windows and generate through the KV cache. A failed comparison is an error.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from kiln.compile.targets import CompileConfig, cpu_features, runtime_problem
+from kiln.errors import CompileError
+
+
+GENAI_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+               "generation_config.json", "chat_template.jinja")
+
+
+def build_target(target, model_dir: Path, store, out: Path, trust_remote_code: bool = False) -> dict:
+    """Write target `out/` (model.onnx, its weights, genai_config.json, tokenizer); returns its facts."""
+    import onnx
+
+    from kiln.compile.decoder import BuildOptions, build_decoder
+    from kiln.compile.genai import write_genai_config
+    from kiln.compile.graph import op_histogram, save
+
+    out.mkdir(parents=True, exist_ok=True)
+    opts = BuildOptions(dtype=target.dtype, accuracy_level=target.accuracy_level, max_length=target.max_length)
+    model, spec, kinds = build_decoder(model_dir, store, opts, trust_remote_code)
+    histogram = op_histogram(model)
+    save(model, out / "model.onnx")
+    del model
+    try:
+        onnx.checker.check_model(str(out / "model.onnx"))
+        onnx.shape_inference.infer_shapes_path(str(out / "model.onnx"), str(out / ".shapes.onnx"))
+    except Exception as exc:  # the checker's own exception types vary by version
+        raise CompileError(f"compile[{target.folder}]: the ONNX graph is invalid: {exc}") from None
+    finally:
+        (out / ".shapes.onnx").unlink(missing_ok=True)
+    length = min(target.max_length or spec.max_positions, spec.max_positions)
+    write_genai_config(out, spec, model_dir, "model.onnx", length, None if target.target == "cpu" else target.provider)
+    for f in GENAI_FILES:
+        if (Path(model_dir) / f).is_file():
+            shutil.copy2(Path(model_dir) / f, out / f)
+    counts: dict[str, int] = {}
+    for k in kinds.values():
+        counts[k] = counts.get(k, 0) + 1
+    return {"target": target.target, "dtype": target.dtype, "accuracy_level": target.accuracy_level,
+            "provider": target.provider, "family": spec.family, "context_length": length,
+            "op_histogram": histogram, "linears": counts, "linear_kinds": kinds}
+
+
+def optimized_histogram(path: Path, provider: str) -> dict[str, int]:
+    """The op histogram of the graph ONNX Runtime actually runs after its own graph optimizations."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from kiln.compile.graph import op_histogram
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        so.log_severity_level = 3  # the note that an ORT_ENABLE_ALL graph is tied to this CPU: we only count its ops
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.onnx.data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        ort.InferenceSession(str(path), so, providers=[provider])
+        return op_histogram(Path(tmp) / "opt.onnx")
+
+
+def _window_nll(logits: np.ndarray, ids: np.ndarray, first: int) -> tuple[float, int]:
+    pred = logits[:, first - 1 : -1].astype(np.float64)
+    target = ids[:, first:]
+    m = pred.max(-1, keepdims=True)
+    lse = np.log(np.exp(pred - m).sum(-1)) + m[..., 0]
+    picked = np.take_along_axis(pred, target[..., None], -1)[..., 0]
+    return float((lse - picked).sum()), int(target.size)
+
+
+def check_parity(torch_model, decoders: dict, ids, prefix_len: int, cfg, float_exact: dict[str, bool], ctx) -> dict:
+    """Compare every runnable target with the PyTorch model window by window (logits of one window at a
+    time: nothing vocabulary-sized is kept). Returns per target its figures and pass/fail."""
+    import torch
+
+    first = max(1, prefix_len)
+    acc = {n: {"max_abs_logit": 0.0, "agree": 0, "positions": 0, "nll": 0.0, "nll_torch": 0.0, "tokens": 0} for n in decoders}
+    with torch.no_grad(), ctx.progress("parity", len(ids)) as advance:
+        for w in range(len(ids)):
+            x = ids[w : w + 1]
+            ref = torch_model(input_ids=x, use_cache=False).logits.float().numpy()
+            x_np = x.numpy()
+            ref_nll, n_tok = _window_nll(ref, x_np, first)
+            for name, dec in decoders.items():
+                out = dec.logits(x_np)
+                a = acc[name]
+                a["max_abs_logit"] = max(a["max_abs_logit"], float(np.abs(out - ref).max()))
+                a["agree"] += int((out.argmax(-1) == ref.argmax(-1)).sum())
+                a["positions"] += int(ref.shape[1])
+                nll, _ = _window_nll(out, x_np, first)
+                a["nll"] += nll
+                a["nll_torch"] += ref_nll
+                a["tokens"] += n_tok
+            advance(1)
+    result = {}
+    for name, a in acc.items():
+        ppl, ppl_t = math.exp(a["nll"] / a["tokens"]), math.exp(a["nll_torch"] / a["tokens"])
+        r = {"windows": len(ids), "positions": a["positions"], "max_abs_logit": a["max_abs_logit"],
+             "top1_agreement": a["agree"] / a["positions"], "perplexity_onnx": ppl, "perplexity_torch": ppl_t,
+             "perplexity_rel": ppl / ppl_t - 1}
+        failures = []
+        if r["top1_agreement"] < cfg.min_top1:
+            failures.append(f"top-1 agreement {r['top1_agreement']:.4f} < {cfg.min_top1}")
+        if abs(r["perplexity_rel"]) > cfg.max_ppl_rel:
+            failures.append(f"perplexity {ppl:.4f} vs PyTorch {ppl_t:.4f} ({100 * r['perplexity_rel']:+.3f}%, "
+                            f"limit ±{100 * cfg.max_ppl_rel:.2f}%)")
+        if float_exact[name]:
+            r["max_abs_logit_limit"] = cfg.max_abs_logit
+            if r["max_abs_logit"] > cfg.max_abs_logit:
+                failures.append(f"max |Δ logit| {r['max_abs_logit']:.2e} > {cfg.max_abs_logit:g}")
+        r["passed"] = not failures
+        r["failures"] = failures
+        result[name] = r
+    return result
+
+
+def compile_all(cfg: CompileConfig, model_dir: Path, store, root: Path, parity_ids, prefix_len: int,
+                sparse: dict[str, str], ctx, trust_remote_code: bool = False) -> dict:
+    """Build every target under root/onnx/<folder>, then check the runnable ones. Returns the
+    manifest's `compile` section; raises CompileError when a runnable target fails parity."""
+    from kiln.compile.runtime import OnnxDecoder, generate
+    from kiln.model import load_full
+
+    section: dict = {"cpu": cpu_features(), "targets": {}}
+    decoders, float_exact = {}, {}
+    for t in cfg.targets:
+        with ctx.meter(f"compile[{t.folder}]") as m:
+            out = root / "onnx" / t.folder
+            info = build_target(t, model_dir, store, out, trust_remote_code)
+            info["files"] = sorted(str(p.relative_to(root)) for p in out.iterdir())
+            if sparse:
+                info["sparse_modules"] = "exported dense: no target runtime here has sparse kernels"
+            problem = runtime_problem(t)
+            if problem:
+                info["runtime_checks"] = f"skipped: {problem}"
+            else:
+                info["op_histogram_optimized"] = optimized_histogram(out / "model.onnx", t.provider)
+                decoders[t.folder] = OnnxDecoder(out / "model.onnx", t.provider)
+                float_exact[t.folder] = t.dtype == "float32" and set(info["linears"]) <= {"float"}
+                info["runtime_checks"] = "ran"
+        info["build_s"] = round(m.wall_s, 3)
+        section["targets"][t.folder] = info
+        ctx.log(f"compile[{t.folder}]: {sum(info['op_histogram'].values())} nodes, {info['linears']} linears, "
+                f"runtime checks {info['runtime_checks']}")
+    if not decoders:
+        return section
+    with ctx.meter("compile-parity"):
+        torch_model = load_full(model_dir, store, trust_remote_code)
+        ids = parity_ids[: cfg.parity.windows]
+        parity = check_parity(torch_model, decoders, ids, prefix_len, cfg.parity, float_exact, ctx)
+        del torch_model
+    bad = []
+    cpu_targets = {t.folder for t in cfg.targets if t.target == "cpu"}
+    for name, r in parity.items():
+        section["targets"][name]["parity"] = r
+        dec = decoders[name]
+        prompt = ids[:1, : min(32, ids.shape[1])].numpy()
+        gen = generate(dec, prompt, cfg.parity.generate_tokens)
+        section["targets"][name]["generation"] = {"prompt_tokens": int(prompt.shape[1]), "tokens": gen.tokens[0].tolist(),
+                                                  "prefill_s": round(gen.prefill_s, 4),
+                                                  "decode_ms_per_token": round(1000 * float(np.mean(gen.step_s)), 3) if gen.step_s else None}
+        genai = _genai_check(root / "onnx" / name, prompt[0].tolist(), gen.tokens[0].tolist()) if name in cpu_targets else None
+        if genai is not None:
+            section["targets"][name]["onnxruntime_genai"] = genai
+            if not genai["tokens_match"]:
+                bad.append(f"{name}: onnxruntime-genai generated {genai['tokens']} from genai_config.json, "
+                           f"kiln's decode loop {gen.tokens[0].tolist()}")
+        if not r["passed"]:
+            bad.append(f"{name}: " + "; ".join(r["failures"]))
+    if bad:
+        raise CompileError("the compiled graph disagrees with kiln's PyTorch model:\n  " + "\n  ".join(bad),
+                           hint="no artifact was written; report the model and recipe (this is a kiln bug, "
+                                "or loosen compile.parity only if the difference is understood)")
+    return section
+
+
+def _genai_check(folder: Path, prompt: list[int], ours: list[int]) -> dict | None:
+    """Greedy tokens from onnxruntime-genai reading the artifact's genai_config.json, when it is installed."""
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        return None
+    from kiln.compile.genai import genai_generate
+
+    tokens = genai_generate(folder, prompt, len(ours))
+    return {"tokens": tokens, "tokens_match": tokens == ours}

@@ -1,0 +1,112 @@
+"""Running a compiled decoder with ONNX Runtime: the forward pass with an explicit KV cache, and a
+decode loop (greedy or sampled) that evaluation and the benchmarks share."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kiln.errors import InputError
+
+
+def session(path: Path, provider: str = "CPUExecutionProvider", threads: int | None = None):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise InputError("onnxruntime is not installed", hint="pip install onnxruntime (or onnxruntime-gpu for cuda)") from None
+    if provider not in ort.get_available_providers():
+        raise InputError(f"ONNX Runtime has no {provider} here (available: {', '.join(ort.get_available_providers())})",
+                         hint="install onnxruntime-gpu for the cuda target")
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=[provider])
+
+
+class OnnxDecoder:
+    """A compiled decoder session with its cache layout read from the graph's inputs."""
+
+    def __init__(self, path: Path, provider: str = "CPUExecutionProvider", threads: int | None = None):
+        self.sess = session(path, provider, threads)
+        ins = {i.name: i for i in self.sess.get_inputs()}
+        self.layers = sum(1 for n in ins if n.startswith("past_key_values.") and n.endswith(".key"))
+        k0 = ins["past_key_values.0.key"]
+        self.kv_heads, self.head_dim = k0.shape[1], k0.shape[3]
+        self.dtype = np.float16 if "float16" in k0.type else np.float32
+        self.outputs = [o.name for o in self.sess.get_outputs()]
+
+    def empty_cache(self, batch: int) -> list[np.ndarray]:
+        z = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
+        return [z] * (2 * self.layers)
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: list[np.ndarray]):
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+        for i in range(self.layers):
+            feed[f"past_key_values.{i}.key"] = cache[2 * i]
+            feed[f"past_key_values.{i}.value"] = cache[2 * i + 1]
+        out = self.sess.run(None, feed)
+        return out[0], out[1:]
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """Logits of full windows (no cache), float32."""
+        b = input_ids.shape[0]
+        lg, _ = self.forward(input_ids, np.ones_like(input_ids), self.empty_cache(b))
+        return lg.astype(np.float32)
+
+
+@dataclass
+class Generation:
+    tokens: np.ndarray  # (batch, new)
+    prefill_s: float
+    step_s: list[float] = field(default_factory=list)
+
+
+def generate(dec: OnnxDecoder, prompt: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos: int | None = None) -> Generation:
+    """Prefill the (batch, S) prompt, then one token per step reusing the KV cache. temperature 0 is
+    greedy; otherwise softmax(logits / T) restricted to the top_k and the top_p nucleus, seeded."""
+    rng = np.random.default_rng(seed)
+    batch = prompt.shape[0]
+    mask = np.ones_like(prompt)
+    t0 = time.perf_counter()
+    logits, cache = dec.forward(prompt, mask, dec.empty_cache(batch))
+    gen = Generation(np.zeros((batch, 0), np.int64), time.perf_counter() - t0)
+    done = np.zeros(batch, bool)
+    for step in range(max_new_tokens):
+        nxt = pick(logits[:, -1].astype(np.float32), temperature, top_k, top_p, rng)
+        if eos is not None:
+            nxt = np.where(done, eos, nxt)
+            done |= nxt == eos
+        gen.tokens = np.concatenate([gen.tokens, nxt[:, None]], axis=1)
+        if step == max_new_tokens - 1 or done.all():
+            break
+        mask = np.concatenate([mask, np.ones((batch, 1), mask.dtype)], axis=1)
+        t = time.perf_counter()
+        logits, cache = dec.forward(nxt[:, None], mask, cache)
+        gen.step_s.append(time.perf_counter() - t)
+    return gen
+
+
+def pick(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng) -> np.ndarray:
+    """Next token per row from (batch, vocab) logits."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    z = logits / temperature
+    if top_k:
+        kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    if top_p < 1.0:
+        order = np.argsort(-p, axis=-1)
+        sorted_p = np.take_along_axis(p, order, -1)
+        keep = np.cumsum(sorted_p, -1) - sorted_p < top_p  # the smallest prefix reaching top_p
+        mask = np.zeros_like(p, bool)
+        np.put_along_axis(mask, order, keep, -1)
+        p = np.where(mask, p, 0.0)
+        p /= p.sum(-1, keepdims=True)
+    return np.array([rng.choice(p.shape[-1], p=row) for row in p])

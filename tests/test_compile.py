@@ -1,0 +1,224 @@
+"""compile: ONNX graphs of every family match PyTorch, carry our codes bit for bit, run through the KV
+cache and onnxruntime-genai; bad input fails before any weight is touched."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ARCHS, gptq_recipe, run_cli, run_json, write_recipe
+
+pytest.importorskip("onnxruntime")
+
+
+def _export(model_dir, store, tmp_path, **opts):
+    from kiln.compile.decoder import BuildOptions, build_decoder
+    from kiln.compile.graph import save
+    from kiln.compile.runtime import OnnxDecoder
+
+    model, spec, kinds = build_decoder(model_dir, store, BuildOptions(**opts))
+    save(model, tmp_path / "model.onnx")
+    return OnnxDecoder(tmp_path / "model.onnx"), model, kinds
+
+
+def _cached_logits(dec, ids: np.ndarray, split: int) -> np.ndarray:
+    """Prefill ids[:, :split], then one token at a time through the returned cache."""
+    b = ids.shape[0]
+    lg, cache = dec.forward(ids[:, :split], np.ones((b, split)), dec.empty_cache(b))
+    outs = [lg]
+    for t in range(split, ids.shape[1]):
+        lg, cache = dec.forward(ids[:, t : t + 1], np.ones((b, t + 1)), cache)
+        outs.append(lg)
+    return np.concatenate(outs, axis=1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_float_export_matches_pytorch_prefill_and_cached_decode(arch, tiny_models, tmp_path):
+    """70 tokens: past Gemma's 32-token sliding window, so the windowed layers are checked too."""
+    from kiln.model import WeightStore, load_full
+
+    d = tiny_models(arch)
+    store = WeightStore(d)
+    dec, _, kinds = _export(d, store, tmp_path)
+    assert set(kinds.values()) == {"float"}
+    ids = torch.randint(0, 512, (2, 70), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = load_full(d, store)(ids).logits.numpy()
+    assert np.abs(dec.logits(ids.numpy()) - ref).max() < 1e-4
+    assert np.abs(_cached_logits(dec, ids.numpy(), 50) - ref).max() < 1e-4
+
+
+def _quantized_store(model_dir, tmp_path, bits, group_size, symmetric, w8a8=False):
+    from kiln.arch import is_linear, is_transposed, weight_matrix
+    from kiln.compress.quant import QuantScheme, rtn_quantize
+    from kiln.model import WeightStore, build_skeleton, materialize, save_overlay
+
+    model = build_skeleton(model_dir)
+    store = WeightStore(model_dir)
+    materialize(model, "", store)
+    act = QuantScheme(bits=8, group_size=None) if w8a8 else None
+    q = {f"{n}.weight": (rtn_quantize(weight_matrix(m), QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric)),
+                         is_transposed(m), act)
+         for n, m in model.named_modules() if is_linear(m) and n not in ("lm_head",)}
+    save_overlay(tmp_path / "q.safetensors", {}, q)
+    return store.with_overlays([tmp_path / "q.safetensors"]), len(q)
+
+
+@pytest.mark.parametrize("arch,bits,group_size,symmetric,w8a8", [
+    ("llama", 4, 32, True, False), ("qwen2", 4, 32, False, False), ("mistral", 8, 16, False, False),
+    ("gemma3_text", 4, None, True, False), ("gpt2", 4, 32, False, False), ("opt", 2, 32, False, False),
+    ("llama", 8, None, True, True), ("opt", 8, None, True, True),
+])
+def test_quantized_export_carries_our_grid(arch, bits, group_size, symmetric, w8a8, tiny_models, tmp_path):
+    """Our codes, scales and zero points go into MatMulNBits (or int8 MatMulInteger for W8A8) as they
+    are: the graph reproduces kiln's own dequantized (or W8A8) PyTorch model to float rounding."""
+    from kiln.compile.graph import op_histogram
+    from kiln.model import load_full
+
+    d = tiny_models(arch)
+    store, n_linear = _quantized_store(d, tmp_path, bits, group_size, symmetric, w8a8)
+    dec, model, kinds = _export(d, store, tmp_path)
+    ops = op_histogram(model)
+    expected_kind = "int8" if w8a8 else "nbits"
+    assert set(kinds.values()) == {expected_kind}
+    if w8a8:
+        assert ops["MatMulInteger"] == len(kinds)
+    else:
+        assert ops["com.microsoft.MatMulNBits"] == len(kinds)
+    assert ops.get("MatMul", 0) == 0  # no float copy of any quantized weight
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = load_full(d, store)(ids).logits.numpy()
+    assert np.abs(dec.logits(ids.numpy()) - ref).max() < 1e-4
+    assert np.abs(_cached_logits(dec, ids.numpy(), 30) - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric,K", [(4, 32, True, 72), (4, 48, False, 96), (4, None, False, 72),
+                                                          (8, 64, False, 100), (2, 16, True, 40), (4, 128, False, 576)])
+def test_matmul_nbits_layout_decodes_to_our_weights(bits, group_size, symmetric, K):
+    """Packing reference: the bytes, scales and zero points decode (by ORT's formula) to exactly
+    kiln's dequantized weight, including ragged last groups and groups wider than one block."""
+    from kiln.compile.weights import dequantize_nbits, to_matmul_nbits
+    from kiln.compress.quant import QuantScheme, rtn_quantize
+
+    W = torch.randn(24, K, generator=torch.Generator().manual_seed(3))
+    q = rtn_quantize(W, QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric))
+    nb = to_matmul_nbits(q.codes.numpy(), q.scale.numpy(), q.zero.numpy(), bits, group_size, symmetric)
+    assert nb.block_size >= 16 and nb.block_size & (nb.block_size - 1) == 0
+    assert (nb.zero_points is None) == symmetric
+    np.testing.assert_array_equal(dequantize_nbits(nb), q.dequantize().numpy())
+
+
+def test_group_size_without_a_block_is_refused(tmp_path):
+    from kiln.compile.weights import nbits_problem, to_matmul_nbits
+    from kiln.errors import RecipeError
+
+    assert nbits_problem("m", 40, 80) and "divisible by 16" in nbits_problem("m", 40, 80)
+    assert nbits_problem("m", 48, 96) is None
+    with pytest.raises(RecipeError, match="power of two"):
+        to_matmul_nbits(np.zeros((2, 80), np.uint8), np.ones((2, 2), np.float32), np.full((2, 2), 8, np.uint8), 4, 40, True)
+
+
+def test_sampling_is_seeded_and_greedy_is_argmax():
+    from kiln.compile.runtime import pick
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 50)).astype(np.float32)
+    assert (pick(logits, 0.0, 0, 1.0, None) == logits.argmax(-1)).all()
+    a = pick(logits, 0.8, 10, 0.9, np.random.default_rng(5))
+    b = pick(logits, 0.8, 10, 0.9, np.random.default_rng(5))
+    assert (a == b).all()
+    top10 = np.argsort(-logits, -1)[:, :10]
+    assert all(a[i] in top10[i] for i in range(3))
+    # top_p tiny keeps only the most likely token
+    assert (pick(logits, 1.0, 0, 1e-6, np.random.default_rng(1)) == logits.argmax(-1)).all()
+
+
+def _compile_recipe(model_dir, **compile_cfg):
+    r = gptq_recipe(model_dir, group_size=32, samples=4, seq_len=32)
+    r["evaluate"] = {"perplexity": True}
+    r["compile"] = {"targets": [{"target": "cpu"}, {"target": "cuda"}], **compile_cfg}
+    return r
+
+
+def test_run_compiles_checks_and_ships_onnx(tiny_models, tmp_path):
+    d = tiny_models("llama")
+    res = run_json("run", str(write_recipe(tmp_path / "r.yaml", _compile_recipe(d))), "--out", str(tmp_path / "run"), "-q")
+    art = tmp_path / "run" / "artifact"
+    m = json.loads((art / "manifest.json").read_text())
+    cpu = m["compile"]["targets"]["cpu"]
+    assert cpu["parity"]["passed"] and cpu["parity"]["top1_agreement"] >= 0.995
+    assert abs(cpu["parity"]["perplexity_rel"]) <= 0.005
+    assert cpu["op_histogram"]["com.microsoft.MatMulNBits"] == 2 * 5  # fused QKV, O, gate, up, down per layer
+    assert cpu["op_histogram"]["com.microsoft.GroupQueryAttention"] == 2
+    assert cpu["linears"] == {"nbits": 10}
+    assert "op_histogram_optimized" in cpu
+    assert cpu["onnxruntime_genai"]["tokens_match"]
+    assert len(cpu["generation"]["tokens"]) == 8
+    assert "onnx/cpu/model.onnx" in m["files"] and "onnx/cpu/genai_config.json" in m["files"]
+    cuda = m["compile"]["targets"]["cuda"]
+    assert cuda["dtype"] == "float16" and cuda["runtime_checks"].startswith("skipped")
+    assert "onnxruntime-gpu" in cuda["runtime_checks"]
+    assert isinstance(m["compile"]["cpu"]["avx2"], bool)
+    cfg = json.loads((art / "onnx" / "cpu" / "genai_config.json").read_text())
+    assert cfg["model"]["decoder"]["num_hidden_layers"] == 2 and cfg["model"]["type"] == "llama"
+    code, out, _ = run_cli("inspect", str(art))
+    assert code == 0 and "GroupQueryAttention" in out and "parity" in out
+
+
+def test_parity_failure_is_an_error_and_writes_no_artifact(tiny_models, tmp_path):
+    """A float32 graph of an unquantized model differs from PyTorch by ~1e-7; a limit of 1e-12 must fail."""
+    d = tiny_models("qwen2")
+    r = gptq_recipe(d)
+    r.update(compress=[], evaluate=None, data={"evaluation": r["data"]["evaluation"]},
+             compile={"targets": [{"target": "cpu"}], "parity": {"max_abs_logit": 1e-12, "windows": 1}})
+    code, _, err = run_cli("run", str(write_recipe(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "run"), "-q")
+    assert code == 8, err
+    assert "max |Δ logit|" in err and "no artifact was written" in err
+    assert not (tmp_path / "run" / "artifact").exists()
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"compile": {"targets": [{"target": "tpu"}]}}, "compile.targets[0]"),
+    ({"compile": {"targets": [{"target": "cpu", "accuracy_level": 7}]}}, "accuracy_level"),
+    ({"compile": {"targets": [{"target": "cpu"}, {"target": "cpu"}]}}, "distinct `name`s"),
+    ({"compile": {"targets": []}}, "compile.targets"),
+])
+def test_bad_compile_sections_are_recipe_errors(change, needle, tiny_models, tmp_path):
+    r = gptq_recipe(tiny_models("llama"))
+    r.update(change)
+    code, _, err = run_cli("validate", str(write_recipe(tmp_path / "r.yaml", r)), "--schema-only")
+    assert code == 3 and needle in err, err
+
+
+def test_compile_without_evaluation_text_is_refused(tiny_models, tmp_path):
+    r = gptq_recipe(tiny_models("llama"))
+    r["data"].pop("evaluation")
+    r.update(evaluate=None, compile={"targets": [{"target": "cpu"}]})
+    code, _, err = run_cli("validate", str(write_recipe(tmp_path / "r.yaml", r)), "--schema-only")
+    assert code == 3 and "data.evaluation" in err
+
+
+def test_unexportable_grid_and_family_are_refused_at_plan_time(tiny_models, tmp_path):
+    d = tiny_models("llama")
+    r = gptq_recipe(d, fmt="kiln", group_size=40)
+    r["compile"] = {"targets": [{"target": "cpu"}]}
+    code, _, err = run_cli("validate", str(write_recipe(tmp_path / "r.yaml", r)))
+    assert code == 3 and "model.layers.0.self_attn.q_proj" in err and "MatMulNBits" in err
+    r = gptq_recipe(d, bits=3)
+    r["compile"] = {"targets": [{"target": "cpu"}]}
+    code, _, err = run_cli("validate", str(write_recipe(tmp_path / "r3.yaml", r)))
+    assert code == 3 and "3-bit" in err
+
+
+def test_unknown_family_names_the_model_type():
+    from transformers import Phi3Config
+
+    from kiln.compile.decoder import spec_from_config
+    from kiln.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="(?s)'phi3'.*supported families: llama"):
+        spec_from_config(Phi3Config(), True)
