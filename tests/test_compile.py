@@ -222,3 +222,24 @@ def test_unknown_family_names_the_model_type():
 
     with pytest.raises(RecipeError, match="(?s)'phi3'.*supported families: llama"):
         spec_from_config(Phi3Config(), True)
+
+
+def test_lm_head_bits_quantizes_the_output_projection_and_halves_the_table(tiny_models, tmp_path):
+    """With the head quantized at export the tied table is only gathered: stored float16 (exact for an
+    artifact in float16), and the head is a MatMulNBits whose logits stay close to the float head's."""
+    from onnx import TensorProto
+
+    from kiln.compile.graph import op_histogram
+    from kiln.model import WeightStore, load_full
+
+    d = tiny_models("llama")
+    store = WeightStore(d).rounded(torch.float16)
+    dec, model, kinds = _export(d, store, tmp_path, lm_head_bits=8)
+    assert kinds["lm_head"] == "nbits" and op_histogram(model).get("Gemm", 0) == 0
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    assert types["model.embed_tokens.weight"] == TensorProto.FLOAT16
+    ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = load_full(d, store)(ids).logits.numpy()
+    out = dec.logits(ids.numpy())
+    assert np.abs(out - ref).max() < 0.02 * (ref.max() - ref.min())

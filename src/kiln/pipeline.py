@@ -402,6 +402,7 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
                     sparse = {t: "dense" for t in plan.sparse}
                     manifest["compile"] = compile_all(recipe.compile, model.path, store.rounded(out_dtype), tmp, first.ids,
                                                       first.prefix_len, sparse, ctx, recipe.model.trust_remote_code)
+                manifest["timings"] = {m.name: m.as_dict() for m in ctx.meters}
                 size = _dense_size_bytes(WeightStore(model.path), torch.finfo(out_dtype).bits // 8)
                 manifest["metrics"].setdefault("baseline", {})["size_bytes"] = size
                 artifact.commit(tmp, target, manifest)

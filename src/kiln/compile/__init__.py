@@ -31,7 +31,8 @@ def build_target(target, model_dir: Path, store, out: Path, trust_remote_code: b
     from kiln.compile.graph import op_histogram, save
 
     out.mkdir(parents=True, exist_ok=True)
-    opts = BuildOptions(dtype=target.dtype, accuracy_level=target.accuracy_level, max_length=target.max_length)
+    opts = BuildOptions(dtype=target.dtype, accuracy_level=target.accuracy_level, max_length=target.max_length,
+                        lm_head_bits=target.lm_head_bits)
     model, spec, kinds = build_decoder(model_dir, store, opts, trust_remote_code)
     histogram = op_histogram(model)
     save(model, out / "model.onnx")
@@ -52,6 +53,8 @@ def build_target(target, model_dir: Path, store, out: Path, trust_remote_code: b
     for k in kinds.values():
         counts[k] = counts.get(k, 0) + 1
     return {"target": target.target, "dtype": target.dtype, "accuracy_level": target.accuracy_level,
+            "lm_head": f"RTN int{target.lm_head_bits}, symmetric groups of 32, quantized at export" if target.lm_head_bits
+            else "as stored",
             "provider": target.provider, "family": spec.family, "context_length": length,
             "op_histogram": histogram, "linears": counts, "linear_kinds": kinds}
 

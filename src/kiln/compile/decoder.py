@@ -196,12 +196,15 @@ class BuildOptions:
     dtype: str = "float32"  # float32 | float16: activations, float weights, KV cache
     accuracy_level: int = 0  # MatMulNBits: 0 = activations in the io dtype; 4 = int8 activations (CPU)
     max_length: int | None = None  # rows of the rotary tables; default the model's positions
+    lm_head_bits: int | None = None  # RTN-quantize the output projection (groups of 32) at export; None: as stored
 
 
 class DecoderBuilder:
-    def __init__(self, spec: Spec, store, opts: BuildOptions, rotary_tables: dict | None, transposed: bool = False):
+    def __init__(self, spec: Spec, store, opts: BuildOptions, rotary_tables: dict | None, transposed: bool = False,
+                 aliases: dict | None = None):
         from onnx import TensorProto
 
+        self.aliases = aliases or {}
         self.s, self.store, self.opts = spec, store, opts
         self.g = Graph(f"kiln-{spec.family}")
         self.np_dtype = np.float16 if opts.dtype == "float16" else np.float32
@@ -215,7 +218,9 @@ class DecoderBuilder:
         return self.g.init(name, np.asarray(arr, dtype=self.np_dtype))
 
     def tensor(self, name: str) -> np.ndarray:
-        return _np(self.store.get(name))
+        """A float tensor by name, or by the other name of the same tied tensor (checkpoints keep one)."""
+        key = next((k for k in [name, *self.aliases.get(name, [])] if k in self.store), name)
+        return _np(self.store.get(key))
 
     def linear(self, x: str, lw: LinearW, name: str) -> str:
         g = self.g
@@ -307,8 +312,17 @@ class DecoderBuilder:
         total64 = g.op("Gather", [g.op("Shape", [mask]), g.const(1)], axis=0, name="total_length")
         total = g.op("Cast", [total64], to=TensorProto.INT32, name="total_sequence_length")
 
-        embed = self.w(s.embed, self.tensor(s.embed))
-        x = g.op("Gather", [embed, ids], axis=0, name="embed_tokens")
+        table = self.tensor(s.embed)
+        half = table.astype(np.float16)
+        shared = s.lm_head is None and not self.opts.lm_head_bits  # the output projection reads this table
+        if not shared and self.np_dtype == np.float32 and np.array_equal(half.astype(np.float32), table):
+            # the artifact's weights are float16: the table is stored as such (half the bytes, same
+            # values) and each gathered row is widened
+            embed = g.init(s.embed, half)
+            x = g.op("Cast", [g.op("Gather", [embed, ids], axis=0, name="embed_tokens")], to=self.elem, name="embed_widen")
+        else:
+            embed = self.w(s.embed, table)
+            x = g.op("Gather", [embed, ids], axis=0, name="embed_tokens")
         if s.embed_scale is not None:
             x = g.op("Mul", [x, g.const(s.embed_scale, self.np_dtype)], name="embed_scale")
         if s.positions is not None:
@@ -344,16 +358,23 @@ class DecoderBuilder:
         h, _ = self.skip_norm(pending, residual, s.final_norm)
 
         # the output projection reads the embedding as stored (V, H) when tied: no transposed copy
-        head_w = embed if s.lm_head is None else self.w(s.lm_head + ".weight", self.tensor(s.lm_head + ".weight"))
-        flat = g.op("Reshape", [h, g.const([-1, s.hidden])])
-        logits = g.op("Gemm", [flat, head_w], transB=1, name="lm_head")
-        if s.lm_head is not None and s.lm_head + ".bias" in self.store:
-            logits = g.op("Add", [logits, self.w(s.lm_head + ".bias", self.tensor(s.lm_head + ".bias"))])
+        head = table if s.lm_head is None else self.tensor(s.lm_head + ".weight")
+        head_bias = self.tensor(s.lm_head + ".bias") if s.lm_head is not None and s.lm_head + ".bias" in self.store else None
+        if self.opts.lm_head_bits:
+            logits = self.linear(h, quantized_head(head, self.opts.lm_head_bits, head_bias), "lm_head")
+            flat = None
+        else:
+            head_w = embed if shared else self.w("lm_head.weight", head)
+            flat = g.op("Reshape", [h, g.const([-1, s.hidden])])
+            logits = g.op("Gemm", [flat, head_w], transB=1, name="lm_head")
+            if head_bias is not None:
+                logits = g.op("Add", [logits, self.w("lm_head.bias", head_bias)])
         if s.final_softcap:
             c = g.const(s.final_softcap, self.np_dtype)
             logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, c])]), c], name="final_softcap")
-        shape = g.op("Concat", [g.op("Shape", [ids]), g.const([s.vocab])], axis=0)
-        logits = g.op("Reshape", [logits, shape])
+        if flat is not None:
+            shape = g.op("Concat", [g.op("Shape", [ids]), g.const([s.vocab])], axis=0)
+            logits = g.op("Reshape", [logits, shape])
         g.output(logits, "logits", self.elem, ["batch_size", "sequence_length", s.vocab])
         for i, (pk, pv) in enumerate(presents):
             shape = ["batch_size", s.kv_heads, "total_sequence_length", s.head_dim]
@@ -404,6 +425,18 @@ class DecoderBuilder:
         return self.linear(up, self.load(n["down"]), n["down"])
 
 
+def quantized_head(W: np.ndarray, bits: int, bias) -> LinearW:
+    """The output projection quantized round-to-nearest (symmetric, groups of 32) at export: decode
+    reads the whole (vocab, hidden) matrix every step, so its bytes set the decode speed."""
+    import torch
+
+    from kiln.compress.quant import QuantScheme, rtn_quantize
+
+    q = rtn_quantize(torch.from_numpy(W), QuantScheme(bits=bits, group_size=32, symmetric=True))
+    nb = to_matmul_nbits(q.codes.numpy(), q.scale.numpy(), q.zero.numpy(), bits, 32, True, module="lm_head")
+    return LinearW("nbits", nb.N, nb.K, nb, bias)
+
+
 def rotary_tables(skeleton, spec: Spec, length: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """cos/sin (length, head_dim/2) per layer type, from the model's own rotary module (inv_freq and
     attention scaling as transformers computes them for this config)."""
@@ -432,15 +465,16 @@ def build_decoder(model_dir, store, opts: BuildOptions, trust_remote_code: bool 
     """The ONNX ModelProto of the model in `store` (our quantized weights where the store has codes)
     and what each linear became."""
     from kiln.arch import is_transposed
-    from kiln.model import build_skeleton
+    from kiln.model import build_skeleton, tied_aliases
 
     skeleton = build_skeleton(model_dir, trust_remote_code)
+    aliases = tied_aliases(skeleton)
     config = skeleton.config
-    has_head = "lm_head.weight" in store and not getattr(config, "tie_word_embeddings", False)
+    has_head = not getattr(config, "tie_word_embeddings", False)
     spec = spec_from_config(config, has_head)
     transposed = any(is_transposed(m) for m in skeleton.modules())
     length = min(opts.max_length or spec.max_positions, spec.max_positions)
     tables = rotary_tables(skeleton, spec, length)
     del skeleton
-    b = DecoderBuilder(spec, store, opts, tables, transposed)
+    b = DecoderBuilder(spec, store, opts, tables, transposed, aliases)
     return b.build(), spec, b.export_kinds

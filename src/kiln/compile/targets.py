@@ -26,7 +26,14 @@ class _Target(_Frozen):
         return PROVIDERS[self.target]
 
 
-class CpuTarget(_Target):
+class _Quantizable(_Target):
+    lm_head_bits: Literal[4, 8] | None = Field(None, description="quantize the output projection at export, round to "
+                                                "nearest in symmetric groups of 32: a decode step reads all of it, so on "
+                                                "a small model it is most of the bytes per token; parity is still checked "
+                                                "against the unquantized head")
+
+
+class CpuTarget(_Quantizable):
     """ONNX Runtime's CPU execution provider: float32 activations, MatMulNBits for int4/int8 weights."""
 
     target: Literal["cpu"] = "cpu"
@@ -36,7 +43,7 @@ class CpuTarget(_Target):
                                 "CPUs with int8 dot products, slightly less exact)")
 
 
-class CudaTarget(_Target):
+class CudaTarget(_Quantizable):
     """ONNX Runtime's CUDA execution provider, float16 activations and KV cache."""
 
     target: Literal["cuda"]

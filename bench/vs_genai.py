@@ -1,0 +1,247 @@
+"""kiln's compiled int4 graph against onnxruntime-genai's own builder, in one invocation on the same
+machine, measured by one harness in child processes (one at a time, same thread count):
+
+    python bench/vs_genai.py [--recipe recipes/quickstart.yaml] [--kiln-out runs/quickstart]
+        [--prompt-len 512] [--decode-tokens 64] [--batch 8] [--batch-prompt 128] [--windows 16]
+        [--threads 2] [--workdir /tmp/kiln-vs-genai]
+
+  kiln   `kiln run RECIPE --out KILN_OUT` (resumes: an already finished run costs nothing) and takes
+         the artifact's onnx/<target> folder (GPTQ codes in MatMulNBits).
+  genai  `python -m onnxruntime_genai.models.builder -i HF_FP32 -o OUT -p int4 -e cpu` on the same
+         fp32 weights kiln started from (its RTN int4, default options), HF folder written from kiln's
+         model cache as ../shared/PEERS.md describes.
+
+Each graph is then loaded in its own child process (peak RSS = that child's VmHWM) and measured
+with kiln.compile.runtime (ONNX Runtime, the same session options for both): perplexity on kiln's
+evaluation windows (full windows, no cache), prefill latency of a PROMPT_LEN-token prompt (median of
+3), decode ms/token at batch 1 (p50, p95 over DECODE_TOKENS steps), tokens/s at batch BATCH, file
+size. The memory-bandwidth bound of one decode step is the bytes of weights a step reads (every
+initializer except tables read by Gather and the rotary tables) over a measured read bandwidth
+(numpy sum over 1 GiB, best of 5); the table prints each graph's measured step time as a fraction
+of that bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from vs_llmcompressor import _child_env, _stdout_json, run_timed  # noqa: E402
+
+
+# --- child: measure one graph ----------------------------------------------------------------------
+
+
+def read_bandwidth_gbs(nbytes: int = 2**30, repeats: int = 5) -> float:
+    a = np.ones(nbytes // 8, dtype=np.float64)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9
+
+
+def step_weight_bytes(path: Path) -> dict:
+    """Bytes of initializers one decode step reads: all but Gather tables and the rotary caches."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    size = {}
+    for t in m.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        size[t.name] = int(ext["length"]) if "length" in ext else len(t.raw_data)
+    gathered, other = set(), set()
+    for n in m.graph.node:
+        for i, name in enumerate(n.input):
+            if name in size:
+                (gathered if n.op_type.startswith("Gather") and i == 0 else other).add(name)
+            if n.op_type == "GroupQueryAttention" and i in (7, 8) and name in size:
+                gathered.add(name)
+    only_gathered = gathered - other
+    return {"step_bytes": sum(v for k, v in size.items() if k not in only_gathered),
+            "table_bytes": sum(size[k] for k in only_gathered), "total_bytes": sum(size.values())}
+
+
+def measure(folder: Path, windows_npy: Path, prompt_len: int, decode_tokens: int, batch: int, batch_prompt: int,
+            threads: int) -> dict:
+    import math
+
+    from kiln.compile.runtime import OnnxDecoder, generate
+
+    ids = np.load(windows_npy)
+    t0 = time.perf_counter()
+    dec = OnnxDecoder(folder / "model.onnx", threads=threads)
+    load_s = time.perf_counter() - t0
+    nll, count = 0.0, 0
+    for w in range(ids.shape[0]):
+        lg = dec.logits(ids[w : w + 1]).astype(np.float64)[0, :-1]
+        tgt = ids[w, 1:]
+        m = lg.max(-1)
+        nll += float((np.log(np.exp(lg - m[:, None]).sum(-1)) + m - lg[np.arange(len(tgt)), tgt]).sum())
+        count += len(tgt)
+    prompt = np.concatenate([ids[0], ids[1]])[:prompt_len][None]
+    prefill = []
+    for _ in range(3):
+        t = time.perf_counter()
+        dec.forward(prompt, np.ones_like(prompt), dec.empty_cache(1))
+        prefill.append(time.perf_counter() - t)
+    g1 = generate(dec, prompt, decode_tokens + 1)
+    steps = sorted(g1.step_s)
+    bprompt = ids[:batch, :batch_prompt] if ids.shape[0] >= batch else np.repeat(ids[:1, :batch_prompt], batch, 0)
+    gb = generate(dec, bprompt, 33)
+    sizes = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
+    return {"load_s": load_s, "perplexity": math.exp(nll / count), "tokens_scored": count,
+            "prefill_ms": 1000 * statistics.median(prefill), "decode_ms_p50": 1000 * statistics.median(steps),
+            "decode_ms_p95": 1000 * steps[min(len(steps) - 1, int(round(0.95 * (len(steps) - 1))))],
+            "decode_tok_s_b1": len(steps) / sum(steps), "decode_tok_s_batch": batch * len(gb.step_s) / sum(gb.step_s),
+            "file_bytes": sizes, **step_weight_bytes(folder / "model.onnx"), "bandwidth_gbs": read_bandwidth_gbs(),
+            "greedy_tokens": g1.tokens[0, :16].tolist()}
+
+
+# --- parent ---------------------------------------------------------------------------------------
+
+
+def hf_folder(model_path: Path, dst: Path) -> Path:
+    """The fp32 checkpoint kiln starts from, as a plain HF folder the builder reads."""
+    if (dst / "config.json").exists():
+        return dst
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model_path, tmp)
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    rp = cfg.get("rope_parameters") or {}
+    if "rope_theta" not in cfg and "rope_theta" in rp:
+        cfg["rope_theta"] = rp["rope_theta"]
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    os.replace(tmp, dst)
+    return dst
+
+
+def graph_facts(path: Path) -> dict:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    nb = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nb[0].attribute} if nb else {}
+    return {"matmulnbits": len(nb), "block_size": attrs.get("block_size"), "bits": attrs.get("bits"),
+            "accuracy_level": attrs.get("accuracy_level", 0), "nodes": len(m.graph.node),
+            "quantized_lm_head": any("lm_head" in n.name for n in nb)}
+
+
+def fmt_row(name: str, r: dict) -> str:
+    bound_ms = 1000 * r["step_bytes"] / (r["bandwidth_gbs"] * 1e9)
+    return (f"| {name} | {r['perplexity']:.3f} | {r['prefill_ms']:.1f} | {r['decode_ms_p50']:.2f} | {r['decode_ms_p95']:.2f} "
+            f"| {r['decode_tok_s_b1']:.1f} | {r['decode_tok_s_batch']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} "
+            f"| {r['file_bytes'] / 2**20:.1f} | {r['step_bytes'] / 2**20:.1f} | {bound_ms:.2f} | {bound_ms / r['decode_ms_p50']:.2f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipe", type=Path, default=REPO / "recipes" / "quickstart.yaml")
+    ap.add_argument("--kiln-out", type=Path, default=REPO / "runs" / "quickstart")
+    ap.add_argument("--target", default="cpu", help="which onnx/<target> of the kiln artifact")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch-prompt", type=int, default=128)
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/kiln-vs-genai"))
+    ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--windows-npy", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.windows_npy, args.prompt_len, args.decode_tokens, args.batch,
+                                 args.batch_prompt, args.threads)))
+        return
+
+    from kiln.recipe import load_recipe
+
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    env = _child_env(args.threads)
+    recipe = load_recipe(args.recipe)
+    if recipe.compile is None:
+        sys.exit(f"{args.recipe} has no compile section")
+    res = {}
+    print(f"[kiln] kiln run {args.recipe} --out {args.kiln_out}", file=sys.stderr)
+    k = run_timed([sys.executable, "-m", "kiln.cli", "run", str(args.recipe), "--out", str(args.kiln_out), "--json", "-q"],
+                  env, work / "logs" / "kiln-run", None)
+    if k["rc"] != 0:
+        sys.exit(f"kiln run failed: {k['stderr'][-2000:]}")
+    manifest = json.loads((args.kiln_out / "artifact" / "manifest.json").read_text())
+    kiln_dir = args.kiln_out / "artifact" / "onnx" / args.target
+    timings = manifest["timings"]
+    compile_s = timings.get(f"compile[{args.target}]", {}).get("wall_s")
+
+    from transformers import AutoTokenizer
+
+    from kiln.data import evaluation_windows, load_documents
+    from kiln.source import resolve_model
+
+    model = resolve_model(recipe.model)
+    ev_cfg = recipe.data.evaluation[0]
+    tok = AutoTokenizer.from_pretrained(model.path)
+    ev = evaluation_windows(load_documents(ev_cfg.source, ev_cfg.field), tok, args.windows, ev_cfg.seq_len, set())
+    np.save(work / "windows.npy", ev.ids.numpy())
+    hf = hf_folder(model.path, work / "hf-fp32")
+    genai_dir = work / "genai-int4"
+    shutil.rmtree(genai_dir, ignore_errors=True)
+    print("[genai] onnxruntime_genai.models.builder -p int4 -e cpu", file=sys.stderr)
+    g = run_timed([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(genai_dir),
+                   "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")], env, work / "logs" / "genai-build", None)
+    if g["rc"] != 0:
+        sys.exit(f"onnxruntime-genai builder failed: {g['stderr'][-2000:]}")
+
+    for name, folder in (("kiln", kiln_dir), ("onnxruntime-genai", genai_dir)):
+        print(f"[{name}] measuring {folder}", file=sys.stderr)
+        r = run_timed([sys.executable, __file__, "--measure", str(folder), "--windows-npy", str(work / "windows.npy"),
+                       "--prompt-len", str(args.prompt_len), "--decode-tokens", str(args.decode_tokens),
+                       "--batch", str(args.batch), "--batch-prompt", str(args.batch_prompt), "--threads", str(args.threads)],
+                      env, work / "logs" / f"measure-{name}", None)
+        if r["rc"] != 0:
+            sys.exit(f"measuring {name} failed: {r['stderr'][-2000:]}")
+        res[name] = {**_stdout_json(r["stdout"]), "peak_rss_bytes": r["peak_rss_bytes"], **graph_facts(folder / "model.onnx")}
+    res["kiln"]["build_s"] = compile_s
+    res["onnxruntime-genai"]["build_s"] = g["wall_s"]
+
+    a, b = res["kiln"], res["onnxruntime-genai"]
+    lines = [f"kiln vs onnxruntime-genai builder — {model.origin}, {args.threads} threads, "
+             f"{args.windows}×{ev_cfg.seq_len} evaluation tokens",
+             "",
+             "| graph | ppl | prefill ms | decode ms p50 | p95 | tok/s b1 | tok/s b%d | peak RSS MiB | file MiB | "
+             "MiB read/step | bound ms | of bound |" % args.batch,
+             "|---|---|---|---|---|---|---|---|---|---|---|---|",
+             fmt_row("kiln", a), fmt_row("onnxruntime-genai", b),
+             "",
+             f"ratios kiln/genai: prefill speed {b['prefill_ms'] / a['prefill_ms']:.2f}×, decode tok/s b1 "
+             f"{a['decode_tok_s_b1'] / b['decode_tok_s_b1']:.2f}×, tok/s b{args.batch} "
+             f"{a['decode_tok_s_batch'] / b['decode_tok_s_batch']:.2f}×, ppl {a['perplexity'] / b['perplexity']:.3f}, "
+             f"peak RSS {a['peak_rss_bytes'] / b['peak_rss_bytes']:.2f}, file {a['file_bytes'] / b['file_bytes']:.2f}",
+             f"read bandwidth {a['bandwidth_gbs']:.1f} GB/s (numpy sum over 1 GiB, best of 5)",
+             f"kiln graph: {a['matmulnbits']} MatMulNBits, {a['bits']}-bit blocks of {a['block_size']}, accuracy_level "
+             f"{a['accuracy_level']}, lm_head quantized: {a['quantized_lm_head']}; compile {a['build_s']:.1f} s "
+             f"(export + checks; GPTQ itself {timings.get('compress[0]', {}).get('wall_s', float('nan')):.0f} s)",
+             f"genai graph: {b['matmulnbits']} MatMulNBits, {b['bits']}-bit blocks of {b['block_size']}, accuracy_level "
+             f"{b['accuracy_level']}, lm_head quantized: {b['quantized_lm_head']}; builder {b['build_s']:.1f} s (RTN)"]
+    text = "\n".join(lines)
+    print(text)
+    (work / "results.md").write_text(text + "\n")
+    (work / "results.json").write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
