@@ -32,7 +32,7 @@ def build_target(target, model_dir: Path, store, out: Path, trust_remote_code: b
 
     out.mkdir(parents=True, exist_ok=True)
     opts = BuildOptions(dtype=target.dtype, accuracy_level=target.accuracy_level, max_length=target.max_length,
-                        lm_head_bits=target.lm_head_bits)
+                        lm_head_bits=target.lm_head_bits, max_block=target.max_block)
     model, spec, kinds = build_decoder(model_dir, store, opts, trust_remote_code)
     histogram = op_histogram(model)
     save(model, out / "model.onnx")
@@ -87,7 +87,7 @@ def _window_nll(logits: np.ndarray, ids: np.ndarray, first: int) -> tuple[float,
     return float((lse - picked).sum()), int(target.size)
 
 
-def check_parity(torch_model, decoders: dict, ids, prefix_len: int, cfg, float_exact: dict[str, bool], ctx) -> dict:
+def check_parity(torch_model, decoders: dict, ids, prefix_len: int, limits: dict, float_exact: dict[str, bool], ctx) -> dict:
     """Compare every runnable target with the PyTorch model window by window (logits of one window at a
     time: nothing vocabulary-sized is kept). Returns per target its figures and pass/fail."""
     import torch
@@ -113,6 +113,7 @@ def check_parity(torch_model, decoders: dict, ids, prefix_len: int, cfg, float_e
             advance(1)
     result = {}
     for name, a in acc.items():
+        cfg = limits[name]
         ppl, ppl_t = math.exp(a["nll"] / a["tokens"]), math.exp(a["nll_torch"] / a["tokens"])
         r = {"windows": len(ids), "positions": a["positions"], "max_abs_logit": a["max_abs_logit"],
              "top1_agreement": a["agree"] / a["positions"], "perplexity_onnx": ppl, "perplexity_torch": ppl_t,
@@ -127,6 +128,7 @@ def check_parity(torch_model, decoders: dict, ids, prefix_len: int, cfg, float_e
             r["max_abs_logit_limit"] = cfg.max_abs_logit
             if r["max_abs_logit"] > cfg.max_abs_logit:
                 failures.append(f"max |Δ logit| {r['max_abs_logit']:.2e} > {cfg.max_abs_logit:g}")
+        r["limits"] = {"min_top1": cfg.min_top1, "max_ppl_rel": cfg.max_ppl_rel}
         r["passed"] = not failures
         r["failures"] = failures
         result[name] = r
@@ -166,7 +168,8 @@ def compile_all(cfg: CompileConfig, model_dir: Path, store, root: Path, parity_i
     with ctx.meter("compile-parity"):
         torch_model = load_full(model_dir, store, trust_remote_code)
         ids = parity_ids[: cfg.parity.windows]
-        parity = check_parity(torch_model, decoders, ids, prefix_len, cfg.parity, float_exact, ctx)
+        limits = {t.folder: t.parity or cfg.parity for t in cfg.targets}
+        parity = check_parity(torch_model, decoders, ids, prefix_len, limits, float_exact, ctx)
         del torch_model
     bad = []
     cpu_targets = {t.folder for t in cfg.targets if t.target == "cpu"}

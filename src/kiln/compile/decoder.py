@@ -144,7 +144,7 @@ def _np(t) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
-def load_linear(store, module: str, transposed: bool, dtype, accuracy_level) -> LinearW:
+def load_linear(store, module: str, transposed: bool, max_block: int = 256) -> LinearW:
     w_name = module + ".weight"
     bias = _np(store.get(module + ".bias")) if module + ".bias" in store else None
     info = store.quant_info(w_name)
@@ -161,7 +161,7 @@ def load_linear(store, module: str, transposed: bool, dtype, accuracy_level) -> 
     if info.get("activation_bits"):
         w_int8 = (codes.astype(np.int16) - 128).astype(np.int8)
         return LinearW("int8", N, K, (w_int8, _np(scale).reshape(-1)), bias)
-    nb = to_matmul_nbits(codes, _np(scale), zero, q.bits, q.group_size, q.symmetric, module=module)
+    nb = to_matmul_nbits(codes, _np(scale), zero, q.bits, q.group_size, q.symmetric, module=module, max_block=max_block)
     return LinearW("nbits", N, K, nb, bias)
 
 
@@ -197,6 +197,7 @@ class BuildOptions:
     accuracy_level: int = 0  # MatMulNBits: 0 = activations in the io dtype; 4 = int8 activations (CPU)
     max_length: int | None = None  # rows of the rotary tables; default the model's positions
     lm_head_bits: int | None = None  # RTN-quantize the output projection (groups of 32) at export; None: as stored
+    max_block: int = 256  # MatMulNBits blocks at most this wide (a kiln group becomes several blocks)
 
 
 class DecoderBuilder:
@@ -222,7 +223,7 @@ class DecoderBuilder:
         key = next((k for k in [name, *self.aliases.get(name, [])] if k in self.store), name)
         return _np(self.store.get(key))
 
-    def linear(self, x: str, lw: LinearW, name: str) -> str:
+    def linear(self, x: str, lw: LinearW, name: str, accuracy_level: int | None = None) -> str:
         g = self.g
         if lw.kind == "float":
             y = g.op("MatMul", [x, self.w(name + ".weight_T", lw.weight.T)], name=name + "/MatMul")
@@ -232,7 +233,8 @@ class DecoderBuilder:
             if nb.zero_points is not None:
                 ins.append(g.init(name + ".qzeros", nb.zero_points))
             y = g.op("MatMulNBits", ins, name=name + "/MatMulNBits", domain=MS, K=nb.K, N=nb.N, bits=nb.bits,
-                     block_size=nb.block_size, accuracy_level=self.opts.accuracy_level)
+                     block_size=nb.block_size,
+                     accuracy_level=self.opts.accuracy_level if accuracy_level is None else accuracy_level)
         else:
             y = self._int8_linear(x, lw, name)
         if lw.bias is not None:
@@ -261,7 +263,7 @@ class DecoderBuilder:
         return g.op("Cast", [y], to=self.elem) if self.opts.dtype == "float16" else y
 
     def load(self, module: str) -> LinearW:
-        return load_linear(self.store, module, self.transposed, self.np_dtype, self.opts.accuracy_level)
+        return load_linear(self.store, module, self.transposed, self.opts.max_block)
 
     def norm_weights(self, module: str) -> tuple[str, str | None]:
         gamma = self.tensor(module + ".weight") + self.s.norm_offset
@@ -361,7 +363,9 @@ class DecoderBuilder:
         head = table if s.lm_head is None else self.tensor(s.lm_head + ".weight")
         head_bias = self.tensor(s.lm_head + ".bias") if s.lm_head is not None and s.lm_head + ".bias" in self.store else None
         if self.opts.lm_head_bits:
-            logits = self.linear(h, quantized_head(head, self.opts.lm_head_bits, head_bias), "lm_head")
+            # ORT's CPU kernel for 8-bit blocks is fast only with int8 activations (accuracy level 4)
+            level = 4 if self.opts.lm_head_bits == 8 else None
+            logits = self.linear(h, quantized_head(head, self.opts.lm_head_bits, head_bias), "lm_head", level)
             flat = None
         else:
             head_w = embed if shared else self.w("lm_head.weight", head)

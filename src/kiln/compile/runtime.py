@@ -36,6 +36,11 @@ class OnnxDecoder:
         self.layers = sum(1 for n in ins if n.startswith("past_key_values.") and n.endswith(".key"))
         k0 = ins["past_key_values.0.key"]
         self.kv_heads, self.head_dim = k0.shape[1], k0.shape[3]
+        if not isinstance(self.kv_heads, int) or not isinstance(self.head_dim, int):  # symbolic: ask genai_config.json
+            import json
+
+            dec = json.loads((Path(path).parent / "genai_config.json").read_text())["model"]["decoder"]
+            self.kv_heads, self.head_dim = dec["num_key_value_heads"], dec["head_size"]
         self.dtype = np.float16 if "float16" in k0.type else np.float32
         self.outputs = [o.name for o in self.sess.get_outputs()]
 

@@ -27,6 +27,10 @@ class _Target(_Frozen):
 
 
 class _Quantizable(_Target):
+    max_block: Literal[16, 32, 64, 128, 256] = Field(256, description="widest MatMulNBits block: each kiln group is "
+                                                     "written as blocks of at most this many columns repeating its scale "
+                                                     "(same values); ORT's int8 CPU kernels are fastest at 32")
+    parity: "ParityConfig | None" = Field(None, description="this target's own parity limits (default: compile.parity)")
     lm_head_bits: Literal[4, 8] | None = Field(None, description="quantize the output projection at export, round to "
                                                 "nearest in symmetric groups of 32: a decode step reads all of it, so on "
                                                 "a small model it is most of the bytes per token; parity is still checked "
@@ -65,6 +69,11 @@ class ParityConfig(_Frozen):
     max_ppl_rel: float = Field(0.005, ge=0, description="|ppl_onnx / ppl_torch − 1|")
     max_abs_logit: float = Field(1e-3, gt=0, description="max |Δ logit|, checked for float32 graphs of unquantized models")
     generate_tokens: int = Field(8, ge=1, description="greedy tokens generated through the KV cache as a smoke check")
+
+
+_Quantizable.model_rebuild()
+CpuTarget.model_rebuild()
+CudaTarget.model_rebuild()
 
 
 class CompileConfig(_Frozen):

@@ -19,13 +19,13 @@ from kiln.errors import RecipeError
 MIN_BLOCK, MAX_BLOCK = 16, 256
 
 
-def block_size_for(group_size: int | None, in_features: int) -> int | None:
-    """The MatMulNBits block that tiles kiln's groups exactly (largest power of two ≤ 256 dividing
-    the group), or None when no block ≥ 16 does. Per-channel grids take 128."""
+def block_size_for(group_size: int | None, in_features: int, max_block: int = MAX_BLOCK) -> int | None:
+    """The MatMulNBits block that tiles kiln's groups exactly (largest power of two ≤ max_block
+    dividing the group), or None when no block ≥ 16 does. Per-channel grids take min(128, max_block)."""
     if group_size is None:
-        return 128
+        return min(128, max_block)
     b = group_size & -group_size  # largest power of two dividing it
-    b = min(b, MAX_BLOCK)
+    b = min(b, max_block)
     return b if b >= MIN_BLOCK else None
 
 
@@ -62,7 +62,7 @@ def _pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def to_matmul_nbits(codes, scale, zero, bits: int, group_size: int | None, symmetric: bool,
-                    scale_dtype=np.float32, module: str = "?") -> NBitsWeight:
+                    scale_dtype=np.float32, module: str = "?", max_block: int = MAX_BLOCK) -> NBitsWeight:
     """kiln codes (N, K) uint8, scale and zero (N, G) → MatMulNBits tensors.
 
     w[n, k] = (codes[n, k] − zero[n, g(k)]) · scale[n, g(k)], the same formula ORT evaluates per block."""
@@ -73,7 +73,7 @@ def to_matmul_nbits(codes, scale, zero, bits: int, group_size: int | None, symme
     scale = np.asarray(scale, dtype=np.float32)
     zero = np.asarray(zero, dtype=np.uint8)
     N, K = codes.shape
-    block = block_size_for(group_size, K)
+    block = block_size_for(group_size, K, max_block)
     if block is None:
         raise RecipeError(nbits_problem(module, group_size, K))
     n_blocks = math.ceil(K / block)
