@@ -140,7 +140,7 @@ def test_sampling_is_seeded_and_greedy_is_argmax():
 def _compile_recipe(model_dir, **compile_cfg):
     r = gptq_recipe(model_dir, group_size=32, samples=4, seq_len=32)
     r["evaluate"] = {"perplexity": True}
-    r["compile"] = {"targets": [{"target": "cpu"}, {"target": "cuda"}], **compile_cfg}
+    r["compile"] = {"targets": [{"target": "cpu"}, {"target": "cuda"}, {"target": "tensorrt"}], **compile_cfg}
     return r
 
 
@@ -162,6 +162,13 @@ def test_run_compiles_checks_and_ships_onnx(tiny_models, tmp_path):
     cuda = m["compile"]["targets"]["cuda"]
     assert cuda["dtype"] == "float16" and cuda["runtime_checks"].startswith("skipped")
     assert "onnxruntime-gpu" in cuda["runtime_checks"]
+    # no GPU here: the float16 graph's numerics are still checked, on the CPU provider, and say so
+    assert cuda["parity_provider"].startswith("CPUExecutionProvider (stand-in") and cuda["parity"]["passed"]
+    trt = m["compile"]["targets"]["tensorrt"]
+    assert not any(op.startswith("com.microsoft") for op in trt["op_histogram"])  # standard ONNX only
+    assert trt["op_histogram"]["DequantizeLinear"] == 2 * 7 and trt["linears"] == {"qdq": 14}
+    assert trt["parity"]["passed"] and trt["engine_build"].startswith("trtexec --onnx=model.onnx")
+    assert (art / "onnx" / "tensorrt" / "build_engine.sh").is_file()
     assert isinstance(m["compile"]["cpu"]["avx2"], bool)
     cfg = json.loads((art / "onnx" / "cpu" / "genai_config.json").read_text())
     assert cfg["model"]["decoder"]["num_hidden_layers"] == 2 and cfg["model"]["type"] == "llama"
@@ -243,3 +250,66 @@ def test_lm_head_bits_quantizes_the_output_projection_and_halves_the_table(tiny_
         ref = load_full(d, store)(ids).logits.numpy()
     out = dec.logits(ids.numpy())
     assert np.abs(out - ref).max() < 0.02 * (ref.max() - ref.min())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_float16_graph_runs_and_stays_close(arch, tiny_models, tmp_path):
+    """The cuda target's float16 graph (activations, weights, KV cache in float16), run here on the
+    CPU provider: a numerical check of the graph itself, not of CUDA's kernels."""
+    from kiln.model import WeightStore, load_full
+
+    d = tiny_models(arch)
+    store = WeightStore(d)
+    dec, _, _ = _export(d, store, tmp_path, dtype="float16")
+    assert dec.dtype == np.float16
+    ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = load_full(d, store)(ids).logits.numpy()
+    out = _cached_logits(dec, ids.numpy(), 30).astype(np.float32)
+    assert np.abs(out - ref).max() < 1e-2 * (ref.max() - ref.min())
+
+
+@pytest.mark.parametrize("arch,dtype,bits,group_size", [
+    ("llama", "float32", None, None), ("gemma3_text", "float32", 4, 16), ("gpt2", "float32", 4, 32),
+    ("opt", "float32", 8, None), ("qwen2", "float16", 4, 32), ("mistral", "float16", None, None),
+])
+def test_tensorrt_qdq_graph_matches_pytorch(arch, dtype, bits, group_size, tiny_models, tmp_path):
+    """The TensorRT graph: standard ONNX only (explicit attention, masks, rotary; QDQ weights), run
+    here with ONNX Runtime's CPU provider as a numerical check of the graph."""
+    import onnx
+
+    from kiln.compile.decoder import BuildOptions, build_decoder
+    from kiln.compile.graph import op_histogram, save
+    from kiln.compile.runtime import EXACT_QDQ, OnnxDecoder
+    from kiln.model import WeightStore, load_full
+
+    d = tiny_models(arch)
+    store = WeightStore(d) if bits is None else _quantized_store(d, tmp_path, bits, group_size, True)[0]
+    model, _, kinds = build_decoder(d, store, BuildOptions(dtype=dtype), qdq=True)
+    assert {o.domain for o in model.opset_import} == {""}
+    ops = op_histogram(model)
+    assert not any(op.startswith("com.microsoft") for op in ops)
+    if bits:
+        assert set(kinds.values()) == {"qdq"} and ops["DequantizeLinear"] == len(kinds)
+    save(model, tmp_path / "model.onnx")
+    onnx.checker.check_model(str(tmp_path / "model.onnx"))
+    dec = OnnxDecoder(tmp_path / "model.onnx", config=EXACT_QDQ)
+    ids = torch.randint(0, 512, (2, 70), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = load_full(d, store)(ids).logits.numpy()
+    tol = 1e-4 if dtype == "float32" else 1e-2 * (ref.max() - ref.min())
+    assert np.abs(dec.logits(ids.numpy()).astype(np.float32) - ref).max() < tol
+    assert np.abs(_cached_logits(dec, ids.numpy(), 50).astype(np.float32) - ref).max() < tol
+
+
+@pytest.mark.parametrize("scheme,extra,needle", [
+    ({"bits": 4, "group_size": 32, "symmetric": False}, {}, "symmetric weight grids only"),
+    ({"bits": 8, "group_size": None, "symmetric": True}, {"activations": {"bits": 8}}, "no TensorRT QDQ form"),
+    ({"bits": 8, "group_size": 32, "symmetric": True}, {}, "no TensorRT weight-only kernel"),
+])
+def test_tensorrt_refuses_grids_it_cannot_run_before_any_work(scheme, extra, needle, tiny_models, tmp_path):
+    r = gptq_recipe(tiny_models("llama"))
+    r["compress"] = [{"kind": "rtn", "scheme": scheme, **extra}]
+    r["compile"] = {"targets": [{"target": "tensorrt"}]}
+    code, _, err = run_cli("validate", str(write_recipe(tmp_path / "r.yaml", r)))
+    assert code == 3 and needle in err and "model.layers.0.self_attn.q_proj" in err, err

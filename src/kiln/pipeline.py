@@ -179,6 +179,11 @@ def _compile_problems(recipe: Recipe, plan: Plan, config) -> list[str]:
 
     spec_from_config(config, has_lm_head=True)  # raises naming the model type when there is no layout
     out = []
+    if any(t.target == "tensorrt" for t in recipe.compile.targets):
+        from kiln.compile.qdq import qdq_problem
+
+        out += [f"tensorrt: {p}" for m, q in plan.quantized.items()
+                if (p := qdq_problem(m, q["bits"], q["group_size"], q["symmetric"], q.get("activation_bits")))]
     for m, q in plan.quantized.items():
         if q.get("activation_bits"):
             continue  # W8A8 → MatMulInteger: any per-channel int8 grid

@@ -33,7 +33,7 @@ def build_target(target, model_dir: Path, store, out: Path, trust_remote_code: b
     out.mkdir(parents=True, exist_ok=True)
     opts = BuildOptions(dtype=target.dtype, accuracy_level=target.accuracy_level, max_length=target.max_length,
                         lm_head_bits=target.lm_head_bits, max_block=target.max_block)
-    model, spec, kinds = build_decoder(model_dir, store, opts, trust_remote_code)
+    model, spec, kinds = build_decoder(model_dir, store, opts, trust_remote_code, qdq=target.target == "tensorrt")
     histogram = op_histogram(model)
     save(model, out / "model.onnx")
     del model
@@ -45,7 +45,15 @@ def build_target(target, model_dir: Path, store, out: Path, trust_remote_code: b
     finally:
         (out / ".shapes.onnx").unlink(missing_ok=True)
     length = min(target.max_length or spec.max_positions, spec.max_positions)
-    write_genai_config(out, spec, model_dir, "model.onnx", length, None if target.target == "cpu" else target.provider)
+    extra = {}
+    if target.target == "tensorrt":
+        from kiln.compile.qdq import trtexec_command
+
+        cmd = trtexec_command(spec, target.dtype, length)
+        (out / "build_engine.sh").write_text("#!/bin/sh\n# build the TensorRT engine on the serving GPU\n" + cmd + "\n")
+        extra["engine_build"] = cmd
+    else:
+        write_genai_config(out, spec, model_dir, "model.onnx", length, None if target.target == "cpu" else target.provider)
     for f in GENAI_FILES:
         if (Path(model_dir) / f).is_file():
             shutil.copy2(Path(model_dir) / f, out / f)
@@ -56,7 +64,7 @@ def build_target(target, model_dir: Path, store, out: Path, trust_remote_code: b
             "lm_head": f"RTN int{target.lm_head_bits}, symmetric groups of 32, quantized at export" if target.lm_head_bits
             else "as stored",
             "provider": target.provider, "family": spec.family, "context_length": length,
-            "op_histogram": histogram, "linears": counts, "linear_kinds": kinds}
+            "op_histogram": histogram, "linears": counts, "linear_kinds": kinds, **extra}
 
 
 def optimized_histogram(path: Path, provider: str) -> dict[str, int]:
@@ -139,7 +147,7 @@ def compile_all(cfg: CompileConfig, model_dir: Path, store, root: Path, parity_i
                 sparse: dict[str, str], ctx, trust_remote_code: bool = False) -> dict:
     """Build every target under root/onnx/<folder>, then check the runnable ones. Returns the
     manifest's `compile` section; raises CompileError when a runnable target fails parity."""
-    from kiln.compile.runtime import OnnxDecoder, generate
+    from kiln.compile.runtime import EXACT_QDQ, OnnxDecoder, generate
     from kiln.model import load_full
 
     section: dict = {"cpu": cpu_features(), "targets": {}}
@@ -153,12 +161,17 @@ def compile_all(cfg: CompileConfig, model_dir: Path, store, root: Path, parity_i
                 info["sparse_modules"] = "exported dense: no target runtime here has sparse kernels"
             problem = runtime_problem(t)
             if problem:
+                # the graph's numerics are still checked, on the CPU provider (what the target's own
+                # kernels do is not: that needs its runtime)
                 info["runtime_checks"] = f"skipped: {problem}"
+                info["parity_provider"] = "CPUExecutionProvider (stand-in: numerics of this graph, not the target's kernels)"
+                decoders[t.folder] = OnnxDecoder(out / "model.onnx", "CPUExecutionProvider", config=EXACT_QDQ)
             else:
                 info["op_histogram_optimized"] = optimized_histogram(out / "model.onnx", t.provider)
-                decoders[t.folder] = OnnxDecoder(out / "model.onnx", t.provider)
-                float_exact[t.folder] = t.dtype == "float32" and set(info["linears"]) <= {"float"}
+                decoders[t.folder] = OnnxDecoder(out / "model.onnx", t.provider, config=EXACT_QDQ)
                 info["runtime_checks"] = "ran"
+                info["parity_provider"] = t.provider
+            float_exact[t.folder] = t.dtype == "float32" and set(info["linears"]) <= {"float"}
         info["build_s"] = round(m.wall_s, 3)
         section["targets"][t.folder] = info
         ctx.log(f"compile[{t.folder}]: {sum(info['op_histogram'].values())} nodes, {info['linears']} linears, "

@@ -465,7 +465,7 @@ def rotary_tables(skeleton, spec: Spec, length: int) -> dict[str, tuple[np.ndarr
     return out
 
 
-def build_decoder(model_dir, store, opts: BuildOptions, trust_remote_code: bool = False):
+def build_decoder(model_dir, store, opts: BuildOptions, trust_remote_code: bool = False, qdq: bool = False):
     """The ONNX ModelProto of the model in `store` (our quantized weights where the store has codes)
     and what each linear became."""
     from kiln.arch import is_transposed
@@ -480,5 +480,13 @@ def build_decoder(model_dir, store, opts: BuildOptions, trust_remote_code: bool 
     length = min(opts.max_length or spec.max_positions, spec.max_positions)
     tables = rotary_tables(skeleton, spec, length)
     del skeleton
+    if qdq:
+        from kiln.compile.qdq import TRT_OPSET, QDQDecoderBuilder
+
+        b = QDQDecoderBuilder(spec, store, opts, tables, transposed, aliases)
+        model = b.build()
+        model.opset_import[0].version = TRT_OPSET
+        del model.opset_import[1:]  # no contrib domain
+        return model, spec, b.export_kinds
     b = DecoderBuilder(spec, store, opts, tables, transposed, aliases)
     return b.build(), spec, b.export_kinds

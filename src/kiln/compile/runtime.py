@@ -12,7 +12,12 @@ import numpy as np
 from kiln.errors import InputError
 
 
-def session(path: Path, provider: str = "CPUExecutionProvider", threads: int | None = None):
+# ONNX Runtime's CPU provider rewrites DequantizeLinear → MatMul into MatMulNBits with int8 activations
+# (accuracy level 4) unless told otherwise; a QDQ graph's numerics are checked with float activations
+EXACT_QDQ = {"session.qdq_matmulnbits_accuracy_level": "0"}
+
+
+def session(path: Path, provider: str = "CPUExecutionProvider", threads: int | None = None, config: dict | None = None):
     try:
         import onnxruntime as ort
     except ImportError:
@@ -24,14 +29,17 @@ def session(path: Path, provider: str = "CPUExecutionProvider", threads: int | N
     if threads:
         so.intra_op_num_threads = threads
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for k, v in (config or {}).items():
+        so.add_session_config_entry(k, v)
     return ort.InferenceSession(str(path), so, providers=[provider])
 
 
 class OnnxDecoder:
     """A compiled decoder session with its cache layout read from the graph's inputs."""
 
-    def __init__(self, path: Path, provider: str = "CPUExecutionProvider", threads: int | None = None):
-        self.sess = session(path, provider, threads)
+    def __init__(self, path: Path, provider: str = "CPUExecutionProvider", threads: int | None = None,
+                 config: dict | None = None):
+        self.sess = session(path, provider, threads, config)
         ins = {i.name: i for i in self.sess.get_inputs()}
         self.layers = sum(1 for n in ins if n.startswith("past_key_values.") and n.endswith(".key"))
         k0 = ins["past_key_values.0.key"]

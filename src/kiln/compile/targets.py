@@ -55,9 +55,24 @@ class CudaTarget(_Quantizable):
     accuracy_level: int = Field(0, ge=0, le=4)
 
 
-Target = Annotated[CpuTarget | CudaTarget, Field(discriminator="target")]
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-INSTALL_HINT = {"cpu": "pip install onnxruntime", "cuda": "pip install onnxruntime-gpu (and a CUDA driver)"}
+class TensorRTTarget(_Target):
+    """TensorRT: standard ONNX ops with QDQ weights (symmetric INT4 blocks or INT8 per channel), float16
+    by default, plus the `trtexec` command that builds the engine on the serving machine."""
+
+    target: Literal["tensorrt"]
+    dtype: Literal["float16", "float32"] = "float16"
+    parity: "ParityConfig | None" = Field(None, description="this target's own parity limits (default: compile.parity)")
+
+    accuracy_level: int = Field(0, ge=0, le=0, description="not used by TensorRT")
+    lm_head_bits: None = None
+    max_block: int = 256
+
+
+Target = Annotated[CpuTarget | CudaTarget | TensorRTTarget, Field(discriminator="target")]
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+INSTALL_HINT = {"cpu": "pip install onnxruntime", "cuda": "pip install onnxruntime-gpu (and a CUDA driver)",
+                "tensorrt": "pip install onnxruntime-gpu tensorrt (and a CUDA driver), or build the engine with the "
+                            "trtexec command in build_engine.sh"}
 
 
 class ParityConfig(_Frozen):
@@ -74,6 +89,7 @@ class ParityConfig(_Frozen):
 _Quantizable.model_rebuild()
 CpuTarget.model_rebuild()
 CudaTarget.model_rebuild()
+TensorRTTarget.model_rebuild()
 
 
 class CompileConfig(_Frozen):
