@@ -2,7 +2,8 @@
 so `kiln --help` stays instant.
 
 Exit codes: 0 ok · 1 internal error · 2 usage · 3 invalid recipe · 4 missing input ·
-5 compression failed · 6 evaluation failed · 7 artifact invalid.
+5 compression failed · 6 evaluation failed · 7 artifact invalid · 8 compile failed · 9 gate failed
+(artifact written, marked rejected).
 """
 
 from __future__ import annotations
@@ -99,6 +100,47 @@ def inspect(
         if not as_json:
             _print_manifest(m, verified=not no_verify)
         return m
+
+    _guard(go, as_json)
+
+
+@app.command("verify")
+def verify_cmd(
+    artifact: Annotated[Path, typer.Argument(help="artifact folder")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Check every file of an artifact against the sha256 in its manifest (and that no file is missing
+    or extra). Exit 7 on any difference."""
+
+    def go() -> dict:
+        from kiln.artifact.manifest import verify
+
+        m = verify(artifact)
+        result = {"artifact": str(artifact), "verified": True, "files": len(m.get("files", {})), "status": m.get("status")}
+        if not as_json:
+            typer.echo(f"{artifact}: {result['files']} files verified (status {result['status']})")
+        return result
+
+    _guard(go, as_json)
+
+
+@app.command()
+def compare(
+    artifacts: Annotated[list[Path], typer.Argument(help="artifact folders")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Tabulate several artifacts: perplexity, task accuracy, size and decode speed per variant."""
+
+    def go() -> dict:
+        from kiln.artifact.manifest import read_manifest
+        from kiln.artifact.report import compare_table
+
+        ms = [(str(a), read_manifest(a)) for a in artifacts]
+        table = compare_table(ms)
+        if not as_json:
+            typer.echo(table)
+        return {"artifacts": [{"path": p, "status": m.get("status"), "metrics": m.get("metrics")} for p, m in ms],
+                "table": table}
 
     _guard(go, as_json)
 

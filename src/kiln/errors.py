@@ -60,5 +60,12 @@ class CompileError(KilnError):
     label = "compile failed"
 
 
+class GateError(KilnError):
+    """The artifact was built but failed a release gate: it is marked rejected and must not ship."""
+
+    exit_code = 9
+    label = "gate failed"
+
+
 EXIT_CODES = {cls.label: cls.exit_code for cls in (RecipeError, InputError, CompressionError, EvaluationError, ArtifactError,
-                                                    CompileError)}
+                                                    CompileError, GateError)}

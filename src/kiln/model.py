@@ -73,7 +73,8 @@ class WeightStore:
         m = self._quant_meta.get(weight_name)
         if m is None:
             return None
-        return QuantizedWeight(self._raw(weight_name + ".qcodes"), self._raw(weight_name + ".qscale"),
+        # scales as they will be stored (the same rounding get() applies before dequantizing)
+        return QuantizedWeight(self._raw(weight_name + ".qcodes"), self._round(self._raw(weight_name + ".qscale")),
                                self._raw(weight_name + ".qzero"), m["bits"], m["group_size"], m["symmetric"])
 
     def quant_info(self, weight_name: str) -> dict | None:

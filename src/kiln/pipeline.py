@@ -165,6 +165,14 @@ def make_plan(recipe: Recipe, model: ResolvedModel) -> Plan:
 
     lengths = [("data.calibration.seq_len", recipe.data.calibration.seq_len)] if recipe.data.calibration else []
     lengths += [(f"data.evaluation[{i}].seq_len", e.seq_len) for i, e in enumerate(recipe.data.evaluation)]
+    lat = recipe.evaluate.latency if recipe.evaluate is not None else None
+    if lat is not None:
+        lengths.append(("evaluate.latency.prompt_tokens + new_tokens", lat.prompt_tokens + lat.new_tokens))
+        if recipe.compile is not None:
+            for t in recipe.compile.targets:
+                if t.max_length and lat.prompt_tokens + lat.new_tokens > t.max_length:
+                    raise RecipeError(f"evaluate.latency: prompt_tokens + new_tokens = {lat.prompt_tokens + lat.new_tokens} "
+                                      f"exceeds compile target {t.folder!r}'s max_length {t.max_length}")
     for where, n in lengths:
         if plan.max_positions and n > plan.max_positions:
             raise RecipeError(f"{where}: {n} tokens exceeds the model's {plan.max_positions} positions")
@@ -247,21 +255,50 @@ def _run_stage(plan: Plan, sp: StagePlan, store, calib, run_dir: Path, ctx: RunC
     return result
 
 
+def _tasks_key(ev) -> dict:
+    return {"tasks": list(ev.tasks), "limit": ev.limit, "seed": ev.seed} if ev.tasks else {}
+
+
+def run_tasks(scorer, tokenizer, ev, label: str, ctx: RunContext, max_len: int | None) -> dict:
+    """Every task of `evaluate.tasks` through one scorer (PyTorch or ONNX); requests longer than
+    `max_len` (the model's positions) keep their last max_len tokens, as lm-eval does."""
+    from kiln.evaluate.tasks import _rows, evaluate_task, select
+
+    out = {}
+    for task in ev.tasks:
+        idx = select(len(_rows(task)), ev.limit, ev.seed)
+        with ctx.progress(f"{task} {label}", len(idx)) as advance:
+            r = evaluate_task(task, scorer, tokenizer, indices=idx, progress=advance, max_len=min(max_len or 2048, 2048))
+        out[task] = {k: v for k, v in r.items() if k != "loglikelihoods"}
+    return out
+
+
 def _evaluate(name: str, key: str, plan: Plan, store, eval_sets: dict, run_dir: Path, ctx: RunContext) -> dict:
     from kiln.evaluate.perplexity import perplexity
     from kiln.model import load_full
 
+    ev = plan.recipe.evaluate
+    key = _key(key, _tasks_key(ev))
     cache = run_dir / "evals" / f"{name}-{key[:16]}.json"
     if cache.exists():
         return json.loads(cache.read_text())
     with ctx.meter(f"evaluate[{name}]") as m:
         model = load_full(plan.model.path, store, plan.recipe.model.trust_remote_code)
         ppl = {}
-        for set_name, win in eval_sets.items():
-            ppl[set_name] = perplexity(model, win.ids, win.prefix_len, ctx, plan.recipe.evaluate.batch_size,
-                                       label=f"{name}/{set_name}")
+        if ev.perplexity:
+            for set_name, win in eval_sets.items():
+                ppl[set_name] = perplexity(model, win.ids, win.prefix_len, ctx, ev.batch_size, label=f"{name}/{set_name}")
+        tasks = {}
+        if ev.tasks:
+            from transformers import AutoTokenizer
+
+            from kiln.evaluate.tasks import torch_scorer
+
+            tasks = run_tasks(torch_scorer(model), AutoTokenizer.from_pretrained(plan.model.path), ev, name, ctx,
+                              plan.max_positions)
         del model
     result = {"perplexity": {k: v["perplexity"] for k, v in ppl.items()},
+              **({"tasks": tasks} if tasks else {}),
               "details": ppl, **{f"eval_{k}": v for k, v in m.as_dict().items()}}
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
@@ -339,7 +376,7 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
 
     metrics: dict = {}
     eval_digests = {k: v["token_digest"] for k, v in eval_info.items()}
-    if recipe.evaluate is not None and recipe.evaluate.perplexity:
+    if recipe.evaluate is not None and (recipe.evaluate.perplexity or recipe.evaluate.tasks):
         metrics["baseline"] = _evaluate("baseline", _key(model.digest, eval_digests), plan, WeightStore(model.path),
                                         eval_sets, out_dir, ctx)
         if recipe.evaluate.after_each_stage:
@@ -364,7 +401,7 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
             metrics["rtn"] = _evaluate("rtn", _key(ref_prev, eval_digests, recipe.output.dtype.value), plan,
                                        ref_store.rounded(out_dtype), eval_sets, out_dir, ctx)
         for variant in metrics:
-            if variant != "baseline":
+            if variant != "baseline" and metrics[variant]["perplexity"]:
                 metrics[variant]["perplexity_ratio"] = {
                     k: v / metrics["baseline"]["perplexity"][k] for k, v in metrics[variant]["perplexity"].items()}
 
@@ -374,6 +411,7 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
     if (target / "manifest.json").exists() and read_manifest(target).get("run_key") == run_key:
         manifest = verify(target)
         ctx.log(f"artifact up to date: {target}")
+        _raise_if_rejected(manifest, target)
     else:
         with ctx.meter("artifact") as art_meter:
             tmp = artifact.staging_dir(target)
@@ -407,19 +445,65 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
                     sparse = {t: "dense" for t in plan.sparse}
                     manifest["compile"] = compile_all(recipe.compile, model.path, store.rounded(out_dtype), tmp, first.ids,
                                                       first.prefix_len, sparse, ctx, recipe.model.trust_remote_code)
-                manifest["timings"] = {m.name: m.as_dict() for m in ctx.meters}
+                    manifest["metrics"].update(_target_metrics(recipe, manifest["compile"], tmp, first.ids, tokenizer, ctx))
                 size = _dense_size_bytes(WeightStore(model.path), torch.finfo(out_dtype).bits // 8)
                 manifest["metrics"].setdefault("baseline", {})["size_bytes"] = size
+                manifest["metrics"].setdefault("compressed", {})["size_bytes"] = sum(
+                    f.stat().st_size for f in tmp.glob("*.safetensors"))
+                from kiln.artifact.report import write_reports
+                from kiln.evaluate.gates import check_gates
+
+                manifest["gates"] = check_gates(recipe.gates, manifest["metrics"])
+                manifest["status"] = "rejected" if any(not g["passed"] for g in manifest["gates"]) else "accepted"
+                manifest["timings"] = {m.name: m.as_dict() for m in ctx.meters}
+                write_reports(tmp, manifest)
                 artifact.commit(tmp, target, manifest)
                 manifest = read_manifest(target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         manifest["timings"]["artifact"] = art_meter.as_dict()
-    weights = sum(v["size_bytes"] for k, v in manifest["files"].items() if k.endswith(".safetensors"))
+        _raise_if_rejected(manifest, target)
     public = manifest["metrics"]
-    public.setdefault("compressed", {})["size_bytes"] = weights
     return {"artifact": str(target), "metrics": public, "stages": [_stage_summary(r) for r in stage_results],
             "timings": manifest.get("timings", {}), "plan_s": round(plan_meter.wall_s, 3)}
+
+
+def _raise_if_rejected(manifest: dict, target: Path) -> None:
+    from kiln.errors import GateError
+
+    failed = [g for g in manifest.get("gates", []) if not g["passed"]]
+    if manifest.get("status") == "rejected":
+        lines = [f"{g['gate']} {g['subject']}: {g['value'] if g['value'] is None else round(g['value'], 4)} vs limit {g['limit']}"
+                 for g in failed]
+        raise GateError("the artifact failed its gates and is marked rejected:\n  " + "\n  ".join(lines),
+                        hint=f"{target}/report.md has the figures; it will not be published")
+
+
+def _target_metrics(recipe: Recipe, section: dict, root: Path, eval_ids, tokenizer, ctx: RunContext) -> dict:
+    """Tasks and serving latency of every compiled target that ran on its own runtime here."""
+    ev = recipe.evaluate
+    out = {}
+    for name, t in section["targets"].items():
+        if t["runtime_checks"] != "ran" or ev is None or not (ev.tasks or ev.latency):
+            continue
+        folder = root / "onnx" / name
+        m: dict = {"perplexity": {}, "size_bytes": sum(f.stat().st_size for f in folder.iterdir() if f.is_file())}
+        if ev.tasks:
+            from kiln.compile.runtime import OnnxDecoder
+            from kiln.evaluate.tasks import onnx_scorer
+
+            with ctx.meter(f"evaluate[onnx:{name}]"):
+                m["tasks"] = run_tasks(onnx_scorer(OnnxDecoder(folder / "model.onnx", t["provider"])), tokenizer, ev,
+                                       f"onnx:{name}", ctx, t["context_length"])
+        if ev.latency:
+            from kiln.compile.latency import measure_in_child
+
+            lat = ev.latency
+            ids = eval_ids.reshape(-1)[: lat.prompt_tokens].numpy()[None]
+            with ctx.meter(f"latency[onnx:{name}]"):
+                m["latency"] = measure_in_child(folder, ids, t["provider"], lat.new_tokens, lat.batch, lat.usd_per_hour)
+        out[f"onnx:{name}"] = m
+    return out
 
 
 def _stage_summary(r: dict) -> dict:

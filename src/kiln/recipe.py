@@ -10,7 +10,7 @@ import enum
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -89,6 +89,42 @@ class EvaluateConfig(Frozen):
         "so the report shows what the calibrated method bought over RTN",
     )
     batch_size: int = Field(4, ge=1)
+    tasks: list[Literal["hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "lambada"]] = Field(
+        default_factory=list, description="zero-shot tasks scored as lm-evaluation-harness does, on the baseline, "
+        "the compressed model and every compiled target that runs here")
+    limit: int | None = Field(None, ge=1, description="documents per task (null: all)")
+    seed: int | None = Field(1234, description="which `limit` documents: a seeded sample; null takes the first ones "
+                             "(lm-eval's --limit)")
+    latency: "LatencyConfig | None" = Field(None, description="time-to-first-token, inter-token latency and throughput "
+                                            "per compiled target that runs here")
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, v: list) -> list:
+        dup = sorted({t for t in v if v.count(t) > 1})
+        if dup:
+            raise ValueError(f"tasks listed twice: {dup}")
+        return v
+
+
+class LatencyConfig(Frozen):
+    prompt_tokens: int = Field(512, ge=1)
+    new_tokens: int = Field(64, ge=2)
+    batch: int = Field(8, ge=1, description="the batch size of the throughput figure (batch 1 is always measured)")
+    usd_per_hour: float | None = Field(None, gt=0, description="price of the machine, for cost per 1M tokens")
+
+
+class GatesConfig(Frozen):
+    """Release criteria. A failed gate: exit code 9, the artifact written with status `rejected`."""
+
+    max_perplexity_ratio: float | None = Field(None, gt=0, description="compressed / baseline perplexity, every set")
+    max_task_drop: float | None = Field(None, ge=0, description="baseline − variant accuracy per task (absolute, "
+                                        "e.g. 0.02), for the compressed model and every compiled target")
+    min_decode_tokens_per_s: dict[str, float] = Field(default_factory=dict, description="compiled target name → "
+                                                      "minimum batch-1 decode tokens/s (needs evaluate.latency)")
+
+
+EvaluateConfig.model_rebuild()
 
 
 class OutputFormat(str, enum.Enum):
@@ -114,6 +150,7 @@ class Recipe(Frozen):
     compress: list[Annotated[CompressConfig, Field(discriminator="kind")]] = Field(default_factory=list)
     evaluate: EvaluateConfig | None = Field(default_factory=EvaluateConfig)
     compile: CompileConfig | None = None
+    gates: GatesConfig | None = None
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
@@ -125,6 +162,19 @@ class Recipe(Frozen):
             raise ValueError("evaluate.perplexity is on but data.evaluation lists no text; add one or set evaluate: null")
         if self.compile is not None and not self.data.evaluation:
             raise ValueError("compile checks parity on evaluation text, but data.evaluation lists none; add one")
+        g = self.gates
+        if g is not None:
+            ev = self.evaluate
+            if g.max_perplexity_ratio is not None and (ev is None or not ev.perplexity or not self.compress):
+                raise ValueError("gates.max_perplexity_ratio needs evaluate.perplexity and at least one compress stage")
+            if g.max_task_drop is not None and (ev is None or not ev.tasks):
+                raise ValueError("gates.max_task_drop needs evaluate.tasks")
+            targets = {t.folder for t in self.compile.targets} if self.compile else set()
+            unknown = sorted(set(g.min_decode_tokens_per_s) - targets)
+            if unknown:
+                raise ValueError(f"gates.min_decode_tokens_per_s names {unknown}, not compile targets ({sorted(targets) or 'none'})")
+            if g.min_decode_tokens_per_s and (ev is None or ev.latency is None):
+                raise ValueError("gates.min_decode_tokens_per_s needs evaluate.latency")
         return self
 
     def digest(self) -> str:

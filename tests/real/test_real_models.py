@@ -26,6 +26,11 @@ def check_compiled(out_dir, float_exact: bool = False) -> dict:
     assert p["passed"], p
     if float_exact:
         assert p["max_abs_logit"] <= 1e-3, p
+    elif "noise_floor" in p:
+        # W8A8: PyTorch itself moves ~6% of argmaxes under 1e-6 input noise (int8 rounding of
+        # activations); the graph must be as close to PyTorch as PyTorch is to itself
+        assert p["top1_agreement"] >= p["noise_floor"]["torch_top1_agreement"] - 0.02, p
+        assert abs(p["perplexity_rel"]) <= max(0.005, 2 * p["noise_floor"]["torch_perplexity_rel"]), p
     else:
         assert p["top1_agreement"] >= 0.995 and abs(p["perplexity_rel"]) <= 0.005, p
     assert m["compile"]["targets"]["cpu"]["onnxruntime_genai"]["tokens_match"]

@@ -95,19 +95,38 @@ def _window_nll(logits: np.ndarray, ids: np.ndarray, first: int) -> tuple[float,
     return float((lse - picked).sum()), int(target.size)
 
 
-def check_parity(torch_model, decoders: dict, ids, prefix_len: int, limits: dict, float_exact: dict[str, bool], ctx) -> dict:
+NOISE = 1e-6  # relative perturbation of the input embeddings for the PyTorch noise floor
+
+
+def check_parity(torch_model, decoders: dict, ids, prefix_len: int, limits: dict, float_exact: dict[str, bool], ctx,
+                 noisy: set[str] = frozenset()) -> dict:
     """Compare every runnable target with the PyTorch model window by window (logits of one window at a
-    time: nothing vocabulary-sized is kept). Returns per target its figures and pass/fail."""
+    time: nothing vocabulary-sized is kept). Returns per target its figures and pass/fail.
+
+    Targets in `noisy` hold per-token dynamic int8 activations (W8A8): rounding to int8 turns float
+    differences of one ulp into whole quantization steps, so even PyTorch disagrees with itself. For
+    those the PyTorch model is also run on its input embeddings perturbed by 1e-6 (relative), and the
+    graph is held to that noise floor (top-1 limit = min(limit, floor − 0.02); perplexity limit =
+    max(limit, 2 × the floor's perplexity change)), all of it recorded."""
     import torch
 
     first = max(1, prefix_len)
     acc = {n: {"max_abs_logit": 0.0, "agree": 0, "positions": 0, "nll": 0.0, "nll_torch": 0.0, "tokens": 0} for n in decoders}
+    floor = {"agree": 0, "positions": 0, "nll": 0.0}
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad(), ctx.progress("parity", len(ids)) as advance:
         for w in range(len(ids)):
             x = ids[w : w + 1]
             ref = torch_model(input_ids=x, use_cache=False).logits.float().numpy()
             x_np = x.numpy()
             ref_nll, n_tok = _window_nll(ref, x_np, first)
+            if noisy:
+                emb = torch_model.get_input_embeddings()(x)
+                emb = emb * (1 + NOISE * torch.randn(emb.shape, generator=gen))
+                alt = torch_model(inputs_embeds=emb, use_cache=False).logits.float().numpy()
+                floor["agree"] += int((alt.argmax(-1) == ref.argmax(-1)).sum())
+                floor["positions"] += int(ref.shape[1])
+                floor["nll"] += _window_nll(alt, x_np, first)[0]
             for name, dec in decoders.items():
                 out = dec.logits(x_np)
                 a = acc[name]
@@ -126,17 +145,25 @@ def check_parity(torch_model, decoders: dict, ids, prefix_len: int, limits: dict
         r = {"windows": len(ids), "positions": a["positions"], "max_abs_logit": a["max_abs_logit"],
              "top1_agreement": a["agree"] / a["positions"], "perplexity_onnx": ppl, "perplexity_torch": ppl_t,
              "perplexity_rel": ppl / ppl_t - 1}
+        min_top1, max_rel = cfg.min_top1, cfg.max_ppl_rel
+        if name in noisy:
+            f_top1 = floor["agree"] / floor["positions"]
+            f_rel = abs(math.exp(floor["nll"] / a["tokens"]) / ppl_t - 1)
+            min_top1, max_rel = min(min_top1, f_top1 - 0.02), max(max_rel, 2 * f_rel)
+            r["noise_floor"] = {"relative_input_noise": NOISE, "torch_top1_agreement": f_top1, "torch_perplexity_rel": f_rel,
+                                "why": "per-token dynamic int8 activations: PyTorch's own agreement with itself "
+                                       "under 1e-6 input noise"}
         failures = []
-        if r["top1_agreement"] < cfg.min_top1:
-            failures.append(f"top-1 agreement {r['top1_agreement']:.4f} < {cfg.min_top1}")
-        if abs(r["perplexity_rel"]) > cfg.max_ppl_rel:
+        if r["top1_agreement"] < min_top1:
+            failures.append(f"top-1 agreement {r['top1_agreement']:.4f} < {min_top1:.4f}")
+        if abs(r["perplexity_rel"]) > max_rel:
             failures.append(f"perplexity {ppl:.4f} vs PyTorch {ppl_t:.4f} ({100 * r['perplexity_rel']:+.3f}%, "
-                            f"limit ±{100 * cfg.max_ppl_rel:.2f}%)")
+                            f"limit ±{100 * max_rel:.2f}%)")
         if float_exact[name]:
             r["max_abs_logit_limit"] = cfg.max_abs_logit
             if r["max_abs_logit"] > cfg.max_abs_logit:
                 failures.append(f"max |Δ logit| {r['max_abs_logit']:.2e} > {cfg.max_abs_logit:g}")
-        r["limits"] = {"min_top1": cfg.min_top1, "max_ppl_rel": cfg.max_ppl_rel}
+        r["limits"] = {"min_top1": min_top1, "max_ppl_rel": max_rel}
         r["passed"] = not failures
         r["failures"] = failures
         result[name] = r
@@ -182,7 +209,8 @@ def compile_all(cfg: CompileConfig, model_dir: Path, store, root: Path, parity_i
         torch_model = load_full(model_dir, store, trust_remote_code)
         ids = parity_ids[: cfg.parity.windows]
         limits = {t.folder: t.parity or cfg.parity for t in cfg.targets}
-        parity = check_parity(torch_model, decoders, ids, prefix_len, limits, float_exact, ctx)
+        noisy = {n for n, t in section["targets"].items() if n in decoders and "int8" in t["linears"]}
+        parity = check_parity(torch_model, decoders, ids, prefix_len, limits, float_exact, ctx, noisy)
         del torch_model
     bad = []
     cpu_targets = {t.folder for t in cfg.targets if t.target == "cpu"}
