@@ -171,3 +171,32 @@ def test_latency_longer_than_the_model_is_refused_at_plan_time(tiny_models, tmp_
     r["evaluate"]["latency"] = {"prompt_tokens": 500, "new_tokens": 64}
     code, _, err = run_cli("validate", str(write_recipe(tmp_path / "r.yaml", r)))
     assert code == 3 and "evaluate.latency.prompt_tokens + new_tokens: 564 tokens exceeds the model's 512" in err, err
+
+
+def test_serving_configs_are_written_and_checked(tiny_models, tmp_path):
+    """Triton's config.pbtxt parses with Triton's own schema and names the graph's inputs; the KServe
+    manifest and the vLLM command point at the checkpoint."""
+    import yaml
+
+    pytest.importorskip("tritonclient.grpc")
+    from kiln.artifact.serving import parse_triton
+
+    d = tiny_models("llama")
+    r = gptq_recipe(d, group_size=32, samples=4, seq_len=32)
+    r["evaluate"] = None
+    r["compile"] = {"targets": [{"target": "cpu"}], "parity": {"windows": 1}}
+    run_json("run", str(write_recipe(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "run"), "-q")
+    art = tmp_path / "run" / "artifact"
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["serving"]["triton"]["check"].startswith("parsed with Triton")
+    cfg = parse_triton((art / "serving" / "triton" / "config.pbtxt").read_text())
+    assert cfg.backend == "onnxruntime"
+    names = {i.name for i in cfg.input}
+    assert {"input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.1.value"} <= names
+    assert {o.name for o in cfg.output} >= {"logits", "present.1.value"}
+    ks = yaml.safe_load((art / "serving" / "kserve.yaml").read_text())
+    assert ks["kind"] == "InferenceService" and "--backend=vllm" in ks["spec"]["predictor"]["model"]["args"]
+    assert "--quantization compressed-tensors" in (art / "serving" / "vllm.sh").read_text()
+    assert "serving/triton/config.pbtxt" in m["files"] and "triton" in (art / "README.md").read_text()
+    with pytest.raises(Exception):
+        parse_triton("name: 'x'\nbackend: 'onnxruntime'\nnot_a_field: 3\n")

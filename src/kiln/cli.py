@@ -3,7 +3,7 @@ so `kiln --help` stays instant.
 
 Exit codes: 0 ok · 1 internal error · 2 usage · 3 invalid recipe · 4 missing input ·
 5 compression failed · 6 evaluation failed · 7 artifact invalid · 8 compile failed · 9 gate failed
-(artifact written, marked rejected).
+(artifact written, marked rejected) · 10 publish failed.
 """
 
 from __future__ import annotations
@@ -119,6 +119,28 @@ def verify_cmd(
         result = {"artifact": str(artifact), "verified": True, "files": len(m.get("files", {})), "status": m.get("status")}
         if not as_json:
             typer.echo(f"{artifact}: {result['files']} files verified (status {result['status']})")
+        return result
+
+    _guard(go, as_json)
+
+
+@app.command()
+def publish(
+    artifact: Annotated[Path, typer.Argument(help="artifact folder")],
+    to: Annotated[str, typer.Option("--to", help="mlflow://HOST:PORT/MODEL_NAME or oci://HOST:PORT/REPOSITORY:TAG")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Publish a verified, accepted artifact. Idempotent: the same artifact again creates nothing.
+    Credentials from the environment only (MLFLOW_TRACKING_USERNAME/PASSWORD, KILN_OCI_USERNAME/PASSWORD)."""
+
+    def go() -> dict:
+        from kiln.publish import publish as do_publish
+
+        result = do_publish(artifact, to)
+        if not as_json:
+            what = "published" if result["created"] else "unchanged (already published)"
+            typer.echo(f"{artifact} → {result['destination']}: {what}"
+                       + (f", version {result['version']}" if "version" in result else ""))
         return result
 
     _guard(go, as_json)

@@ -67,5 +67,12 @@ class GateError(KilnError):
     label = "gate failed"
 
 
+class PublishError(KilnError):
+    """A registry refused, could not be reached, or the artifact may not be published."""
+
+    exit_code = 10
+    label = "publish failed"
+
+
 EXIT_CODES = {cls.label: cls.exit_code for cls in (RecipeError, InputError, CompressionError, EvaluationError, ArtifactError,
-                                                    CompileError, GateError)}
+                                                    CompileError, GateError, PublishError)}

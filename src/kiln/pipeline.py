@@ -273,11 +273,16 @@ def run_tasks(scorer, tokenizer, ev, label: str, ctx: RunContext, max_len: int |
     return out
 
 
-def _evaluate(name: str, key: str, plan: Plan, store, eval_sets: dict, run_dir: Path, ctx: RunContext) -> dict:
+def _evaluate(name: str, key: str, plan: Plan, store, eval_sets: dict, run_dir: Path, ctx: RunContext,
+              tasks: bool = True) -> dict:
+    """Perplexity on every evaluation set and, with `tasks`, the recipe's zero-shot tasks (the
+    baseline and the compressed model; the RTN and per-stage references are perplexity only)."""
     from kiln.evaluate.perplexity import perplexity
     from kiln.model import load_full
 
     ev = plan.recipe.evaluate
+    if not tasks:
+        ev = ev.model_copy(update={"tasks": []})
     key = _key(key, _tasks_key(ev))
     cache = run_dir / "evals" / f"{name}-{key[:16]}.json"
     if cache.exists():
@@ -382,7 +387,7 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
         if recipe.evaluate.after_each_stage:
             for sp, st in stage_stores[:-1]:
                 r = _evaluate(f"after-{sp.dirname}", _key(sp.key, eval_digests, recipe.output.dtype.value), plan,
-                              st.rounded(out_dtype), eval_sets, out_dir, ctx)
+                              st.rounded(out_dtype), eval_sets, out_dir, ctx, tasks=False)
                 metrics[f"after_stage_{sp.index}"] = r
         final_key = _key(prev, eval_digests, recipe.output.dtype.value)
         metrics["compressed"] = _evaluate("compressed", final_key, plan, store.rounded(out_dtype), eval_sets, out_dir, ctx)
@@ -399,7 +404,7 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
                 res = _run_stage(plan, ref, ref_store, None, out_dir / "reference", ctx, label="rtn-reference")
                 ref_store = ref_store.with_overlays([out_dir / "reference" / "stages" / ref.dirname / f for f in res["files"]])
             metrics["rtn"] = _evaluate("rtn", _key(ref_prev, eval_digests, recipe.output.dtype.value), plan,
-                                       ref_store.rounded(out_dtype), eval_sets, out_dir, ctx)
+                                       ref_store.rounded(out_dtype), eval_sets, out_dir, ctx, tasks=False)
         for variant in metrics:
             if variant != "baseline" and metrics[variant]["perplexity"]:
                 metrics[variant]["perplexity_ratio"] = {
@@ -451,6 +456,9 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
                 manifest["metrics"].setdefault("compressed", {})["size_bytes"] = sum(
                     f.stat().st_size for f in tmp.glob("*.safetensors"))
                 from kiln.artifact.report import write_reports
+                from kiln.artifact.serving import write_serving
+
+                manifest["serving"] = write_serving(tmp, manifest, plan.max_positions)
                 from kiln.evaluate.gates import check_gates
 
                 manifest["gates"] = check_gates(recipe.gates, manifest["metrics"])

@@ -137,7 +137,7 @@ def report_html(manifest: dict, recipe_yaml: str) -> str:
 
 
 def model_card(manifest: dict) -> str:
-    serving = []
+    serving = [f"- {k}: `{v['file']}` ({v['check']})" for k, v in (manifest.get("serving") or {}).items()]
     compile_ = (manifest.get("compile") or {}).get("targets") or {}
     if any(t["target"] == "cpu" for t in compile_.values()):
         name = next(n for n, t in compile_.items() if t["target"] == "cpu")
