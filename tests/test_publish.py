@@ -71,16 +71,33 @@ def auth_registry(tmp_path_factory):
     proc.wait()
 
 
+def start_mlflow(root: Path, auth: bool = False):
+    pytest.importorskip("mlflow")
+    port = free_port()
+    env = dict(os.environ)
+    extra = []
+    if auth:  # MLflow's basic-auth app, admin password from the environment
+        env.update(MLFLOW_AUTH_ADMIN_PASSWORD="right-password-123", MLFLOW_FLASK_SERVER_SECRET_KEY="kiln-test")
+        extra = ["--app-name", "basic-auth"]
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", *extra, "--backend-store-uri",
+                             f"sqlite:///{root}/db.sqlite", "--artifacts-destination", str(root / "artifacts"),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root, env=env)
+    wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=180)
+    return proc, port
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    pytest.importorskip("mlflow")
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/db.sqlite",
-                             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root)
-    wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=180)
+    proc, port = start_mlflow(tmp_path_factory.mktemp("mlflow"))
+    yield port
+    proc.terminate()
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def mlflow_auth_server(tmp_path_factory):
+    proc, port = start_mlflow(tmp_path_factory.mktemp("mlflow-auth"), auth=True)
     yield port
     proc.terminate()
     proc.wait()
@@ -182,3 +199,13 @@ def test_mlflow_down_and_bad_destinations(artifact):
                         ("mlflow://host:port/m", "port is not a number")):
         code, _, err = run_cli("publish", str(artifact), "--to", uri)
         assert code == 10 and needle in err, err
+
+
+def test_mlflow_wrong_credential_is_refused_and_the_right_one_publishes(artifact, mlflow_auth_server, monkeypatch):
+    uri = f"mlflow://127.0.0.1:{mlflow_auth_server}/kiln-tiny"
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-password")
+    code, _, err = run_cli("publish", str(artifact), "--to", uri)
+    assert code == 10 and "refused the credentials" in err and "MLFLOW_TRACKING_PASSWORD" in err, err
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "right-password-123")
+    assert run_json("publish", str(artifact), "--to", uri)["created"]
