@@ -225,7 +225,7 @@ def compile_all(cfg: CompileConfig, model_dir: Path, store, root: Path, parity_i
         genai = _genai_check(root / "onnx" / name, prompt[0].tolist(), gen.tokens[0].tolist()) if name in cpu_targets else None
         if genai is not None:
             section["targets"][name]["onnxruntime_genai"] = genai
-            if not genai["tokens_match"]:
+            if genai.get("tokens_match") is False:
                 bad.append(f"{name}: onnxruntime-genai generated {genai['tokens']} from genai_config.json, "
                            f"kiln's decode loop {gen.tokens[0].tolist()}")
         if not r["passed"]:
@@ -242,7 +242,7 @@ def _genai_check(folder: Path, prompt: list[int], ours: list[int]) -> dict | Non
     try:
         import onnxruntime_genai  # noqa: F401
     except ImportError:
-        return None
+        return {"skipped": "onnxruntime-genai is not installed (pip install onnxruntime-genai)"}
     from kiln.compile.genai import genai_generate
 
     tokens = genai_generate(folder, prompt, len(ours))
