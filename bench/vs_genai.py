@@ -78,6 +78,7 @@ def measure(folder: Path, windows_npy: Path, prompt_len: int, decode_tokens: int
             threads: int) -> dict:
     import math
 
+    from kiln.compile import window_nll
     from kiln.compile.runtime import OnnxDecoder, generate
 
     ids = np.load(windows_npy)
@@ -86,11 +87,9 @@ def measure(folder: Path, windows_npy: Path, prompt_len: int, decode_tokens: int
     load_s = time.perf_counter() - t0
     nll, count = 0.0, 0
     for w in range(ids.shape[0]):
-        lg = dec.logits(ids[w : w + 1]).astype(np.float64)[0, :-1]
-        tgt = ids[w, 1:]
-        m = lg.max(-1)
-        nll += float((np.log(np.exp(lg - m[:, None]).sum(-1)) + m - lg[np.arange(len(tgt)), tgt]).sum())
-        count += len(tgt)
+        window_nll, n = window_nll(dec.logits(ids[w : w + 1]), ids[w : w + 1], 1)
+        nll += window_nll
+        count += n
     prompt = np.concatenate([ids[0], ids[1]])[:prompt_len][None]
     prefill = []
     for _ in range(3):

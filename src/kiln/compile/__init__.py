@@ -86,7 +86,7 @@ def optimized_histogram(path: Path, provider: str) -> dict[str, int]:
         return op_histogram(Path(tmp) / "opt.onnx")
 
 
-def _window_nll(logits: np.ndarray, ids: np.ndarray, first: int) -> tuple[float, int]:
+def window_nll(logits: np.ndarray, ids: np.ndarray, first: int) -> tuple[float, int]:
     pred = logits[:, first - 1 : -1].astype(np.float64)
     target = ids[:, first:]
     m = pred.max(-1, keepdims=True)
@@ -119,21 +119,21 @@ def check_parity(torch_model, decoders: dict, ids, prefix_len: int, limits: dict
             x = ids[w : w + 1]
             ref = torch_model(input_ids=x, use_cache=False).logits.float().numpy()
             x_np = x.numpy()
-            ref_nll, n_tok = _window_nll(ref, x_np, first)
+            ref_nll, n_tok = window_nll(ref, x_np, first)
             if noisy:
                 emb = torch_model.get_input_embeddings()(x)
                 emb = emb * (1 + NOISE * torch.randn(emb.shape, generator=gen))
                 alt = torch_model(inputs_embeds=emb, use_cache=False).logits.float().numpy()
                 floor["agree"] += int((alt.argmax(-1) == ref.argmax(-1)).sum())
                 floor["positions"] += int(ref.shape[1])
-                floor["nll"] += _window_nll(alt, x_np, first)[0]
+                floor["nll"] += window_nll(alt, x_np, first)[0]
             for name, dec in decoders.items():
                 out = dec.logits(x_np)
                 a = acc[name]
                 a["max_abs_logit"] = max(a["max_abs_logit"], float(np.abs(out - ref).max()))
                 a["agree"] += int((out.argmax(-1) == ref.argmax(-1)).sum())
                 a["positions"] += int(ref.shape[1])
-                nll, _ = _window_nll(out, x_np, first)
+                nll, _ = window_nll(out, x_np, first)
                 a["nll"] += nll
                 a["nll_torch"] += ref_nll
                 a["tokens"] += n_tok

@@ -153,9 +153,7 @@ def load_linear(store, module: str, transposed: bool, max_block: int = 256) -> L
         W = W.T if transposed else W
         return LinearW("float", W.shape[0], W.shape[1], W, bias)
     q = store.quantized(w_name)
-    scale = q.scale.float()
-    if store.round_to is not None:
-        scale = scale.to(store.round_to).float()
+    scale = q.scale.float()  # store.quantized already rounds scales to the artifact's dtype
     codes, zero = q.codes.numpy(), q.zero.numpy()
     N, K = codes.shape
     if info.get("activation_bits"):

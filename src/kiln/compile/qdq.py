@@ -50,9 +50,7 @@ class QDQDecoderBuilder(DecoderBuilder):
         problem = qdq_problem(module, q.bits, q.group_size, q.symmetric, info.get("activation_bits"))
         if problem:
             raise RecipeError(f"compile (tensorrt): {problem}")
-        scale = q.scale.float()
-        if self.store.round_to is not None:
-            scale = scale.to(self.store.round_to).float()
+        scale = q.scale.float()  # already rounded to the artifact's dtype by store.quantized
         signed = q.codes.numpy().astype(np.int16) - 2 ** (q.bits - 1)
         bias = _np(self.store.get(module + ".bias")) if module + ".bias" in self.store else None
         return LinearW("qdq", signed.shape[0], signed.shape[1], (signed.astype(np.int8), _np(scale), q.bits, q.group_size), bias)
