@@ -87,8 +87,8 @@ def measure(folder: Path, windows_npy: Path, prompt_len: int, decode_tokens: int
     load_s = time.perf_counter() - t0
     nll, count = 0.0, 0
     for w in range(ids.shape[0]):
-        window_nll, n = window_nll(dec.logits(ids[w : w + 1]), ids[w : w + 1], 1)
-        nll += window_nll
+        w_nll, n = window_nll(dec.logits(ids[w : w + 1]), ids[w : w + 1], 1)
+        nll += w_nll
         count += n
     prompt = np.concatenate([ids[0], ids[1]])[:prompt_len][None]
     prefill = []
