@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import gptq_recipe, run_cli, run_json, write_recipe
+from conftest import ARCHS, gptq_recipe, run_cli, run_json, write_recipe
 
 
 def test_every_task_loads_and_builds_requests():
@@ -34,13 +34,16 @@ def test_encode_pair_moves_trailing_spaces_like_lm_eval(tokenizer_dir):
 
 
 def test_loglikelihood_is_the_sum_of_continuation_log_probs():
-    from kiln.evaluate.tasks import loglikelihoods
+    from kiln.evaluate.tasks import Scorer, loglikelihoods
 
     rng = np.random.default_rng(0)
     table = rng.normal(size=(10, 10))
 
-    def scorer(ids, mask):  # a bigram model: logits depend on the current token only
-        return table[ids]
+    class Bigram(Scorer):  # logits depend on the current token only
+        def full(self, ids):
+            return table[ids]
+
+    scorer = Bigram()
 
     (ll, greedy), = loglikelihoods(scorer, [([1, 2], [3, 4])], 100)
     logp = table - np.log(np.exp(table).sum(-1, keepdims=True))
@@ -49,6 +52,30 @@ def test_loglikelihood_is_the_sum_of_continuation_log_probs():
     # padding a second, longer request into the batch changes nothing for the first
     (ll2, _), _ = loglikelihoods(scorer, [([1, 2], [3, 4]), ([5, 6, 7, 8], [9])], 100)
     assert ll2 == pytest.approx(ll)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_context_scoring_matches_full_rows(arch, tiny_models, tmp_path):
+    """A multiple-choice document runs its context once and the choices through its KV cache, in
+    PyTorch and in the compiled graph; the log-likelihoods equal those of full rows. The 40-token
+    context passes Gemma's 32-token sliding window."""
+    from kiln.compile.decoder import BuildOptions, build_decoder
+    from kiln.compile.graph import save
+    from kiln.compile.runtime import OnnxDecoder
+    from kiln.evaluate.tasks import OnnxScorer, Scorer, TorchScorer, loglikelihoods
+    from kiln.model import WeightStore, load_full
+
+    d = tiny_models(arch)
+    store = WeightStore(d)
+    save(build_decoder(d, store, BuildOptions())[0], tmp_path / "model.onnx")
+    rng = np.random.default_rng(3)
+    ctx = rng.integers(0, 512, 40).tolist()
+    pairs = [(ctx, rng.integers(0, 512, n).tolist()) for n in (1, 5, 3, 6)]
+    for scorer in (TorchScorer(load_full(d, store)), OnnxScorer(OnnxDecoder(tmp_path / "model.onnx"))):
+        shared = loglikelihoods(scorer, pairs, 100)
+        rows = loglikelihoods(type("Full", (Scorer,), {"full": lambda self, ids: scorer.full(ids)})(), pairs, 100)
+        np.testing.assert_allclose([s for s, _ in shared], [s for s, _ in rows], atol=1e-4)
+        assert [g for _, g in shared] == [g for _, g in rows]
 
 
 def test_seeded_selection_is_reproducible_and_limit_without_seed_takes_the_first():
@@ -67,7 +94,7 @@ def test_scores_agree_with_lm_evaluation_harness(tiny_models, tmp_path):
     from lm_eval.tasks import TaskManager
     from transformers import AutoTokenizer
 
-    from kiln.evaluate.tasks import TASK_FILES, _package_root, evaluate_task, torch_scorer
+    from kiln.evaluate.tasks import TASK_FILES, _package_root, evaluate_task, TorchScorer
     from kiln.model import WeightStore, load_full
 
     d = tiny_models("llama")
@@ -82,7 +109,7 @@ def test_scores_agree_with_lm_evaluation_harness(tiny_models, tmp_path):
     res = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=1), tasks=["arc_local"],
                                   task_manager=TaskManager(include_path=str(tmp_path)), limit=12, log_samples=True)
     theirs = res["results"]["arc_local"]
-    ours = evaluate_task("arc_easy", torch_scorer(model), tok, indices=list(range(12)))
+    ours = evaluate_task("arc_easy", TorchScorer(model), tok, indices=list(range(12)))
     assert ours["acc"] == pytest.approx(theirs["acc,none"]) and ours["acc_norm"] == pytest.approx(theirs["acc_norm,none"])
     for s in res["samples"]["arc_local"]:
         np.testing.assert_allclose(ours["loglikelihoods"][s["doc_id"]], [r[0] for r in s["filtered_resps"]], atol=1e-3)

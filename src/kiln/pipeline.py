@@ -297,9 +297,9 @@ def _evaluate(name: str, key: str, plan: Plan, store, eval_sets: dict, run_dir: 
         if ev.tasks:
             from transformers import AutoTokenizer
 
-            from kiln.evaluate.tasks import torch_scorer
+            from kiln.evaluate.tasks import TorchScorer
 
-            tasks = run_tasks(torch_scorer(model), AutoTokenizer.from_pretrained(plan.model.path), ev, name, ctx,
+            tasks = run_tasks(TorchScorer(model), AutoTokenizer.from_pretrained(plan.model.path), ev, name, ctx,
                               plan.max_positions)
         del model
     result = {"perplexity": {k: v["perplexity"] for k, v in ppl.items()},
@@ -498,10 +498,10 @@ def _target_metrics(recipe: Recipe, section: dict, root: Path, eval_ids, tokeniz
         m: dict = {"perplexity": {}, "size_bytes": sum(f.stat().st_size for f in folder.iterdir() if f.is_file())}
         if ev.tasks:
             from kiln.compile.runtime import OnnxDecoder
-            from kiln.evaluate.tasks import onnx_scorer
+            from kiln.evaluate.tasks import OnnxScorer
 
             with ctx.meter(f"evaluate[onnx:{name}]"):
-                m["tasks"] = run_tasks(onnx_scorer(OnnxDecoder(folder / "model.onnx", t["provider"])), tokenizer, ev,
+                m["tasks"] = run_tasks(OnnxScorer(OnnxDecoder(folder / "model.onnx", t["provider"])), tokenizer, ev,
                                        f"onnx:{name}", ctx, t["context_length"])
         if ev.latency:
             from kiln.compile.latency import measure_in_child

@@ -25,8 +25,6 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 
 from kiln.errors import InputError
@@ -130,27 +128,53 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx) :]
 
 
-Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (B, L) ids, (B, L) mask → (B, L, V) logits
+class Scorer:
+    """A causal LM seen as logits. `full` scores whole rows; `shared` scores several continuations
+    of one context, running the context once and its KV cache for every continuation (the default
+    here falls back to `full`; the PyTorch and ONNX scorers override it)."""
+
+    def full(self, ids: np.ndarray) -> np.ndarray:  # (B, L) ids → (B, L, V) logits
+        raise NotImplementedError
+
+    def shared(self, context: list[int], rests: list[list[int]]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits at the context's last position (V,) and, for each continuation read after the
+        context, its logits (len, V); `rests` may be empty."""
+        if not rests:
+            return self.full(np.asarray([context], np.int64))[0, -1], []
+        lg = self.full(_pad([context + r for r in rests]))
+        return lg[0, len(context) - 1], [lg[i, len(context) : len(context) + len(r)] for i, r in enumerate(rests)]
+
+
+def _pad(rows: list[list[int]]) -> np.ndarray:
+    """Right padding: causal attention never looks right, so a padded position cannot change a scored one."""
+    ids = np.zeros((len(rows), max(len(r) for r in rows)), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+    return ids
+
+
+def _score(lg: np.ndarray, tgt: list[int]) -> tuple[float, bool]:
+    lg = lg.astype(np.float64)
+    m = lg.max(-1, keepdims=True)
+    logp = lg - m - np.log(np.exp(lg - m).sum(-1, keepdims=True))
+    t = np.asarray(tgt)
+    return float(logp[np.arange(len(t)), t].sum()), bool((lg.argmax(-1) == t).all())
 
 
 def loglikelihoods(scorer: Scorer, pairs: list[tuple[list[int], list[int]]], max_len: int) -> list[tuple[float, bool]]:
-    """One batch per document: the requests right-padded to a common length (causal attention
-    never looks right, so padding cannot change a scored position)."""
+    """One document's requests. When they share one context (multiple choice) and fit, the context
+    runs once and the continuations read its cache; otherwise every request is a full row, truncated
+    on the left to max_len as lm-eval does."""
+    ctx = pairs[0][0]
+    if len(pairs) > 1 and ctx and all(c == ctx for c, _ in pairs) and len(ctx) + max(len(k) for _, k in pairs) <= max_len + 1:
+        longer = [i for i, (_, k) in enumerate(pairs) if len(k) > 1]
+        first, lgs = scorer.shared(ctx, [pairs[i][1][:-1] for i in longer])
+        rest = dict(zip(longer, lgs))
+        return [_score(np.concatenate([first[None], rest[i]]) if i in rest else first[None], k)
+                for i, (_, k) in enumerate(pairs)]
     seqs = [(c + k)[-(max_len + 1) :][:-1] for c, k in pairs]
-    L = max(len(s) for s in seqs)
-    ids = np.zeros((len(seqs), L), np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = s
-    logits = scorer(ids, np.ones_like(ids)).astype(np.float64)
-    out = []
-    for i, (c, k) in enumerate(pairs):
-        n = len(seqs[i])
-        lg = logits[i, n - len(k) : n]  # positions predicting the continuation tokens
-        m = lg.max(-1, keepdims=True)
-        logp = lg - m - np.log(np.exp(lg - m).sum(-1, keepdims=True))
-        tgt = np.asarray(k)
-        out.append((float(logp[np.arange(len(k)), tgt].sum()), bool((lg.argmax(-1) == tgt).all())))
-    return out
+    logits = scorer.full(_pad(seqs))
+    return [_score(logits[i, len(s) - len(k) : len(s)], k) for i, (s, (_, k)) in enumerate(zip(seqs, pairs))]
 
 
 def evaluate_task(name: str, scorer: Scorer, tokenizer, indices: list[int] | None = None, limit: int | None = None,
@@ -187,19 +211,47 @@ def evaluate_task(name: str, scorer: Scorer, tokenizer, indices: list[int] | Non
     return out
 
 
-def torch_scorer(model) -> Scorer:
-    import torch
+class TorchScorer(Scorer):
+    def __init__(self, model):
+        import inspect
 
-    def score(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        self.model = model
+        params = inspect.signature(model.forward).parameters
+        self.keep = "logits_to_keep" in params
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
+
+    def full(self, ids):
+        import torch
+
         with torch.no_grad():
-            return model(input_ids=torch.from_numpy(ids), use_cache=False).logits.float().numpy()
+            return self.model(input_ids=torch.from_numpy(ids), use_cache=False).logits.float().numpy()
 
-    return score
+    def shared(self, context, rests):
+        import torch
+
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor([context]), use_cache=bool(rests),
+                             **({"logits_to_keep": 1} if self.keep else {}))
+            first = out.logits[0, -1].float().numpy()
+            if not rests:
+                return first, []
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(len(rests))
+            lg = self.model(input_ids=torch.from_numpy(_pad(rests)), **{self.cache_arg: cache}).logits.float().numpy()
+            return first, [lg[i, : len(r)] for i, r in enumerate(rests)]
 
 
-def onnx_scorer(decoder) -> Scorer:
-    def score(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        lg, _ = decoder.forward(ids, mask, decoder.empty_cache(ids.shape[0]))
-        return lg
+class OnnxScorer(Scorer):
+    def __init__(self, decoder):
+        self.dec = decoder
 
-    return score
+    def full(self, ids):
+        return self.dec.forward(ids, np.ones_like(ids), self.dec.empty_cache(len(ids)))[0]
+
+    def shared(self, context, rests):
+        ids = np.asarray([context], np.int64)
+        lg, cache = self.dec.forward(ids, np.ones_like(ids), self.dec.empty_cache(1))
+        # GroupQueryAttention reads a multi-token step after a cache only at batch 1: one run per
+        # continuation, each over the same context cache
+        return lg[0, -1], [self.dec.forward(np.asarray([r], np.int64), np.ones((1, len(context) + len(r)), np.int64), cache)[0][0]
+                           for r in rests]
