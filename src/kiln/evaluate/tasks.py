@@ -235,7 +235,7 @@ class TorchScorer(Scorer):
             first = out.logits[0, -1].float().numpy()
             if not rests:
                 return first, []
-            cache = out.past_key_values
+            cache = out.cache if self.cache_arg == "cache" else out.past_key_values
             cache.batch_repeat_interleave(len(rests))
             lg = self.model(input_ids=torch.from_numpy(_pad(rests)), **{self.cache_arg: cache}).logits.float().numpy()
             return first, [lg[i, : len(r)] for i, r in enumerate(rests)]
