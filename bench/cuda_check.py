@@ -18,9 +18,9 @@ log-likelihood, plus the full logits of the first POSITIONS positions of each wi
 `check` runs the graph on the CUDA provider over the same windows: top-1 agreement, perplexity
 against the reference, max |Δ logit| on the saved positions; the same figures for the CPU provider
 as a control when --cpu-control is given; then greedy tokens, time to first token of a PROMPT_LEN
-prompt, inter-token latency p50/p95/p99 at batch 1 and tokens/s at batch BATCH (kiln's decode loop:
-numpy feeds, so the KV cache crosses the bus every step — a lower bound on what the GPU can do).
-It prints one JSON object.
+prompt, inter-token latency p50/p95/p99 at batch 1 and tokens/s at batch BATCH, through kiln's decode
+loop twice: with IO binding (the KV cache stays on the GPU; its default off the CPU) and with numpy
+feeds (the cache crosses the bus every step). It prints one JSON object.
 """
 
 from __future__ import annotations
@@ -79,7 +79,42 @@ def parity(dec, ref) -> dict:
             "perplexity_rel": ppl / ppl_t - 1, "max_abs_logit_first_positions": worst, "positions_compared": positions}
 
 
-def check(folder: Path, ref_dir: Path, provider: str, prompt_len: int, new_tokens: int, batch: int, cpu_control: bool) -> None:
+def profile(folder: Path, provider: str, prompt: np.ndarray, steps: int) -> dict:
+    """ONNX Runtime's own profiler over `steps` cached decode steps: time per op type and the
+    provider each ran on, largest first."""
+    import collections
+
+    import onnxruntime as ort
+
+    from kiln.compile.runtime import CUDA_OPTIONS, OnnxDecoder, generate
+
+    dec = OnnxDecoder(folder / "model.onnx", provider)
+    generate(dec, prompt, 2)
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = "/tmp/kiln-ort-profile"
+    opts = CUDA_OPTIONS if provider == "CUDAExecutionProvider" else {}
+    dec.sess = ort.InferenceSession(str(folder / "model.onnx"), so, providers=[(provider, opts)])
+    t = time.perf_counter()
+    g = generate(dec, prompt, steps + 1)
+    wall = time.perf_counter() - t
+    trace = json.loads(Path(dec.sess.end_profiling()).read_text())
+    per_op: dict = collections.defaultdict(float)
+    run_us = 0.0
+    for e in trace:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            a = e.get("args", {})
+            per_op[f"{a.get('op_name')}@{a.get('provider', '?').replace('ExecutionProvider', '')}"] += e["dur"]
+        elif e.get("cat") == "Session" and e["name"] == "model_run":
+            run_us += e["dur"]
+    top = sorted(per_op.items(), key=lambda kv: -kv[1])[:15]
+    return {"steps": len(g.step_s), "wall_s": wall, "model_run_ms_total": run_us / 1000,
+            "step_ms_mean": 1000 * float(np.mean(g.step_s)),
+            "kernel_ms_per_run": {k: v / 1000 / (len(g.step_s) + 1) for k, v in top}}  # prefill + steps
+
+
+def check(folder: Path, ref_dir: Path, provider: str, prompt_len: int, new_tokens: int, batch: int, cpu_control: bool,
+          profile_steps: int = 0) -> None:
     import onnxruntime as ort
 
     from kiln.compile.latency import measure
@@ -102,6 +137,9 @@ def check(folder: Path, ref_dir: Path, provider: str, prompt_len: int, new_token
         del cpu
     del dec
     out["latency"] = measure(folder, prompt, provider, new_tokens, batch)
+    out["latency_numpy_feeds"] = measure(folder, prompt, provider, new_tokens, batch, io_binding=False)
+    if profile_steps:
+        out["profile"] = profile(folder, provider, prompt, profile_steps)
     print(json.dumps(out, indent=1))
 
 
@@ -122,11 +160,12 @@ def main() -> None:
     c.add_argument("--new-tokens", type=int, default=64)
     c.add_argument("--batch", type=int, default=8)
     c.add_argument("--cpu-control", action="store_true")
+    c.add_argument("--profile", type=int, default=0, help="decode steps to run under ONNX Runtime's profiler")
     a = ap.parse_args()
     if a.cmd == "reference":
         reference(a.recipe, a.kiln_out, a.out, a.windows, a.positions)
     else:
-        check(a.folder, a.reference, a.provider, a.prompt_len, a.new_tokens, a.batch, a.cpu_control)
+        check(a.folder, a.reference, a.provider, a.prompt_len, a.new_tokens, a.batch, a.cpu_control, a.profile)
 
 
 if __name__ == "__main__":

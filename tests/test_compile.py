@@ -51,6 +51,22 @@ def test_float_export_matches_pytorch_prefill_and_cached_decode(arch, tiny_model
     assert np.abs(_cached_logits(dec, ids.numpy(), 50) - ref).max() < 1e-4
 
 
+def test_io_binding_keeps_the_cache_as_ort_values_and_changes_nothing(tiny_models, tmp_path):
+    """The GPU path (KV cache bound as OrtValues, left where the provider put it), run here on the CPU
+    provider: same logits as plain numpy feeds, prefill and cached decode."""
+    from kiln.compile.runtime import OnnxDecoder, generate
+    from kiln.model import WeightStore
+
+    d = tiny_models("qwen2")
+    plain, _, _ = _export(d, WeightStore(d), tmp_path)
+    bound = OnnxDecoder(tmp_path / "model.onnx", io_binding=True)
+    ids = np.random.default_rng(2).integers(0, 512, (2, 40))
+    _, cache = bound.forward(ids[:, :8], np.ones((2, 8)), bound.empty_cache(2))
+    assert cache and not isinstance(cache[0], np.ndarray)
+    np.testing.assert_allclose(_cached_logits(bound, ids, 30), _cached_logits(plain, ids, 30), atol=1e-5)
+    assert (generate(bound, ids[:, :8], 6).tokens == generate(plain, ids[:, :8], 6).tokens).all()
+
+
 def _quantized_store(model_dir, tmp_path, bits, group_size, symmetric, w8a8=False):
     from kiln.arch import is_linear, is_transposed, weight_matrix
     from kiln.compress.quant import QuantScheme, rtn_quantize
@@ -293,6 +309,10 @@ def test_tensorrt_qdq_graph_matches_pytorch(arch, dtype, bits, group_size, tiny_
         assert set(kinds.values()) == {"qdq"} and ops["DequantizeLinear"] == len(kinds)
     save(model, tmp_path / "model.onnx")
     onnx.checker.check_model(str(tmp_path / "model.onnx"))
+    saved = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    assert saved.ir_version <= 10  # opset 21's IR, which every ONNX Runtime since 1.17 reads
+    inline = [t.name for t in saved.graph.initializer if not t.external_data and t.ByteSize() > 4096]
+    assert not inline  # INT4 weights too go to the external-data file (the protobuf cannot pass 2 GB)
     dec = OnnxDecoder(tmp_path / "model.onnx", config=EXACT_QDQ)
     ids = torch.randint(0, 512, (2, 70), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():

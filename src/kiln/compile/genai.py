@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kiln.compile.runtime import CUDA_OPTIONS
+
 # onnxruntime-genai model types; every decoder-only type runs the same graph contract
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3_text",
                "gpt2": "llama", "opt": "llama"}
@@ -20,7 +22,7 @@ def genai_config(spec, config, generation: dict, filename: str, context_length: 
     bos = generation.get("bos_token_id", getattr(config, "bos_token_id", None))
     pad = generation.get("pad_token_id", getattr(config, "pad_token_id", None))
     pad = _first(pad if pad is not None else eos)
-    provider_options = [{provider: {}}] if provider else []
+    provider_options = [{provider: dict(CUDA_OPTIONS) if provider == "cuda" else {}}] if provider else []
     return {
         "model": {
             "bos_token_id": bos,

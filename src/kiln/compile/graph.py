@@ -84,6 +84,11 @@ def save(model, path: Path, data_name: str | None = None) -> list[Path]:
     """model.onnx plus one external-data file for every initializer over 1 KiB; returns the files."""
     import onnx
 
+    from onnx import helper
+
+    # the oldest IR that carries these opsets, not the newest this onnx writes: ONNX Runtime refuses
+    # a model whose IR is newer than it knows (onnxruntime-gpu 1.31 reads up to IR 13)
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
     path = Path(path)
     data_name = data_name or path.name + ".data"
     if (path.parent / data_name).exists():

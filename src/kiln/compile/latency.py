@@ -32,11 +32,12 @@ def _vm_hwm() -> int | None:
     return None
 
 
-def measure(folder: Path, prompt: np.ndarray, provider: str, new_tokens: int, batch: int, threads: int | None = None) -> dict:
+def measure(folder: Path, prompt: np.ndarray, provider: str, new_tokens: int, batch: int, threads: int | None = None,
+            io_binding: bool | None = None) -> dict:
     from kiln.compile.runtime import OnnxDecoder, generate
 
     t0 = time.perf_counter()
-    dec = OnnxDecoder(folder / "model.onnx", provider, threads)
+    dec = OnnxDecoder(folder / "model.onnx", provider, threads, io_binding=io_binding)
     load_s = time.perf_counter() - t0
     generate(dec, prompt[:, :16], 2)  # warm-up: first-run allocations are not serving latency
     ttft = []
@@ -46,7 +47,7 @@ def measure(folder: Path, prompt: np.ndarray, provider: str, new_tokens: int, ba
     g1 = generate(dec, prompt, new_tokens)
     itl = g1.step_s
     gb = generate(dec, np.repeat(prompt, batch, axis=0), new_tokens)
-    return {"provider": provider, "prompt_tokens": int(prompt.shape[1]), "new_tokens": new_tokens, "batch": batch,
+    return {"provider": provider, "io_binding": dec.io_binding, "prompt_tokens": int(prompt.shape[1]), "new_tokens": new_tokens, "batch": batch,
             "load_s": load_s, "ttft_ms": 1000 * float(np.median(ttft)),
             "itl_ms_p50": 1000 * _percentile(itl, 50), "itl_ms_p95": 1000 * _percentile(itl, 95),
             "itl_ms_p99": 1000 * _percentile(itl, 99), "tokens_per_s_b1": len(itl) / sum(itl),

@@ -20,6 +20,18 @@ from kiln.errors import RecipeError
 TRT_OPSET = 21  # blocked DequantizeLinear with INT4
 
 
+def int4_tensor(name: str, values: np.ndarray):
+    """An INT4 initializer as packed raw bytes (two values a byte, the first in the low nibble), so
+    it is saved as external data like every other weight (a value list would stay in the protobuf,
+    which cannot pass 2 GB)."""
+    from onnx import TensorProto, helper
+
+    nib = (values.reshape(-1).astype(np.int8) & 0x0F).astype(np.uint8)
+    if nib.size % 2:
+        nib = np.append(nib, np.uint8(0))
+    return helper.make_tensor(name, TensorProto.INT4, list(values.shape), (nib[0::2] | (nib[1::2] << 4)).tobytes(), raw=True)
+
+
 def qdq_problem(module: str, bits: int, group_size: int | None, symmetric: bool, activation_bits) -> str | None:
     if activation_bits:
         return (f"{module}: W8A8 with dynamic per-token activation scales has no TensorRT QDQ form "
@@ -58,15 +70,13 @@ class QDQDecoderBuilder(DecoderBuilder):
     def linear(self, x: str, lw: LinearW, name: str, accuracy_level: int | None = None) -> str:
         if lw.kind != "qdq":
             return super().linear(x, lw, name, accuracy_level)
-        from onnx import TensorProto, helper, numpy_helper
+        from onnx import numpy_helper
 
         g = self.g
         codes, scale, bits, group = lw.weight  # (N, K) int8 values in the signed range, (N, G)
         wt = np.ascontiguousarray(codes.T)  # (K, N)
         wname = g.fresh(name + ".qweight")
-        elem = TensorProto.INT4 if bits == 4 else TensorProto.INT8
-        g.initializers.append(helper.make_tensor(wname, elem, list(wt.shape), wt.reshape(-1).tolist()) if bits == 4
-                              else numpy_helper.from_array(wt.astype(np.int8), wname))
+        g.initializers.append(int4_tensor(wname, wt) if bits == 4 else numpy_helper.from_array(wt.astype(np.int8), wname))
         if group is None:  # per output channel
             s = g.init(name + ".scale", scale.reshape(-1).astype(self.np_dtype))
             w = g.op("DequantizeLinear", [wname, s], name=name + "/DequantizeLinear", axis=1)

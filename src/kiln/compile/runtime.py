@@ -12,6 +12,12 @@ import numpy as np
 from kiln.errors import InputError
 
 
+# Flash attention for the CUDA provider's attention ops. Left to choose, ONNX Runtime 1.31 on Hopper
+# picks cuDNN's SDPA for GroupQueryAttention, which builds a new cuDNN plan for every new sequence
+# length: a decode step of SmolLM2 took 39 ms on an H100 that way and 2.8 ms with flash attention
+# (bench/cuda_check.py). "sdpa_kernel" is its attention-backend bit mask (1 = flash attention).
+CUDA_OPTIONS = {"sdpa_kernel": "1"}
+
 # ONNX Runtime's CPU provider rewrites DequantizeLinear → MatMul into MatMulNBits with int8 activations
 # (accuracy level 4) unless told otherwise; a QDQ graph's numerics are checked with float activations
 EXACT_QDQ = {"session.qdq_matmulnbits_accuracy_level": "0"}
@@ -31,15 +37,20 @@ def session(path: Path, provider: str = "CPUExecutionProvider", threads: int | N
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     for k, v in (config or {}).items():
         so.add_session_config_entry(k, v)
-    return ort.InferenceSession(str(path), so, providers=[provider])
+    opts = CUDA_OPTIONS if provider == "CUDAExecutionProvider" else {}
+    return ort.InferenceSession(str(path), so, providers=[(provider, opts)])
 
 
 class OnnxDecoder:
     """A compiled decoder session with its cache layout read from the graph's inputs."""
 
     def __init__(self, path: Path, provider: str = "CPUExecutionProvider", threads: int | None = None,
-                 config: dict | None = None):
+                 config: dict | None = None, io_binding: bool | None = None):
         self.sess = session(path, provider, threads, config)
+        # on a GPU the KV cache stays in device memory between steps (IO binding); only the ids, the
+        # mask and the logits cross the bus. Default: on for every provider but the CPU's.
+        self.io_binding = provider != "CPUExecutionProvider" if io_binding is None else io_binding
+        self.cache_device = "cpu" if provider == "CPUExecutionProvider" else "cuda"
         ins = {i.name: i for i in self.sess.get_inputs()}
         self.layers = sum(1 for n in ins if n.startswith("past_key_values.") and n.endswith(".key"))
         k0 = ins["past_key_values.0.key"]
@@ -56,13 +67,29 @@ class OnnxDecoder:
         z = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
         return [z] * (2 * self.layers)
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: list[np.ndarray]):
-        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
-        for i in range(self.layers):
-            feed[f"past_key_values.{i}.key"] = cache[2 * i]
-            feed[f"past_key_values.{i}.value"] = cache[2 * i + 1]
-        out = self.sess.run(None, feed)
-        return out[0], out[1:]
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: list):
+        """Logits (numpy) and the present cache: numpy arrays, or with IO binding OrtValues where the
+        provider keeps them (pass them back as they are)."""
+        names = [f"past_key_values.{i // 2}.{'value' if i % 2 else 'key'}" for i in range(2 * self.layers)]
+        if not self.io_binding:
+            feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+            feed.update(zip(names, cache))
+            out = self.sess.run(None, feed)
+            return out[0], out[1:]
+        io = self.sess.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        for name, c in zip(names, cache):
+            if isinstance(c, np.ndarray):
+                io.bind_cpu_input(name, c)
+            else:
+                io.bind_ortvalue_input(name, c)
+        io.bind_output(self.outputs[0], "cpu")
+        for name in self.outputs[1:]:
+            io.bind_output(name, self.cache_device)
+        self.sess.run_with_iobinding(io)
+        out = io.get_outputs()
+        return out[0].numpy(), list(out[1:])
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Logits of full windows (no cache), float32."""
