@@ -14,7 +14,7 @@ from kiln.errors import InputError
 
 # Flash attention for the CUDA provider's attention ops. Left to choose, ONNX Runtime 1.31 on Hopper
 # picks cuDNN's SDPA for GroupQueryAttention, which builds a new cuDNN plan for every new sequence
-# length: a decode step of SmolLM2 took 39 ms on an H100 that way and 2.8 ms with flash attention
+# length: a decode step of SmolLM2 took 39 ms on an H100 that way and 2.6 ms with flash attention
 # (bench/cuda_check.py). "sdpa_kernel" is its attention-backend bit mask (1 = flash attention).
 CUDA_OPTIONS = {"sdpa_kernel": "1"}
 

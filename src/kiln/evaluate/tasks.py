@@ -25,6 +25,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 
 from kiln.errors import InputError
