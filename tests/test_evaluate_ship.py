@@ -72,7 +72,10 @@ def test_shared_context_scoring_matches_full_rows(arch, tiny_models, tmp_path):
     ctx = rng.integers(0, 512, 40).tolist()
     pairs = [(ctx, rng.integers(0, 512, n).tolist()) for n in (1, 5, 3, 6)]
     for scorer in (TorchScorer(load_full(d, store)), OnnxScorer(OnnxDecoder(tmp_path / "model.onnx"))):
+        calls, cached = [], scorer.shared
+        scorer.shared = lambda c, r: (calls.append(len(r)), cached(c, r))[1]
         shared = loglikelihoods(scorer, pairs, 100)
+        assert calls == [3]  # the context ran once; the three longer choices read its cache
         rows = loglikelihoods(type("Full", (Scorer,), {"full": lambda self, ids: scorer.full(ids)})(), pairs, 100)
         np.testing.assert_allclose([s for s, _ in shared], [s for s, _ in rows], atol=1e-4)
         assert [g for _, g in shared] == [g for _, g in rows]
