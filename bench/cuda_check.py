@@ -86,15 +86,14 @@ def profile(folder: Path, provider: str, prompt: np.ndarray, steps: int) -> dict
 
     import onnxruntime as ort
 
-    from kiln.compile.runtime import CUDA_OPTIONS, OnnxDecoder, generate
+    from kiln.compile.runtime import OnnxDecoder, generate, providers
 
     dec = OnnxDecoder(folder / "model.onnx", provider)
     generate(dec, prompt, 2)
     so = ort.SessionOptions()
     so.enable_profiling = True
     so.profile_file_prefix = "/tmp/kiln-ort-profile"
-    opts = CUDA_OPTIONS if provider == "CUDAExecutionProvider" else {}
-    dec.sess = ort.InferenceSession(str(folder / "model.onnx"), so, providers=[(provider, opts)])
+    dec.sess = ort.InferenceSession(str(folder / "model.onnx"), so, providers=providers(provider))
     t = time.perf_counter()
     g = generate(dec, prompt, steps + 1)
     wall = time.perf_counter() - t

@@ -74,6 +74,7 @@ def optimized_histogram(path: Path, provider: str) -> dict[str, int]:
     import onnxruntime as ort
 
     from kiln.compile.graph import op_histogram
+    from kiln.compile.runtime import providers
 
     with tempfile.TemporaryDirectory() as tmp:
         so = ort.SessionOptions()
@@ -82,7 +83,7 @@ def optimized_histogram(path: Path, provider: str) -> dict[str, int]:
         so.log_severity_level = 3  # the note that an ORT_ENABLE_ALL graph is tied to this CPU: we only count its ops
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.onnx.data")
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        ort.InferenceSession(str(path), so, providers=[provider])
+        ort.InferenceSession(str(path), so, providers=providers(provider))
         return op_histogram(Path(tmp) / "opt.onnx")
 
 

@@ -83,7 +83,6 @@ class Graph:
 def save(model, path: Path, data_name: str | None = None) -> list[Path]:
     """model.onnx plus one external-data file for every initializer over 1 KiB; returns the files."""
     import onnx
-
     from onnx import helper
 
     # the oldest IR that carries these opsets, not the newest this onnx writes: ONNX Runtime refuses

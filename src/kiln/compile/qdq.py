@@ -26,10 +26,12 @@ def int4_tensor(name: str, values: np.ndarray):
     which cannot pass 2 GB)."""
     from onnx import TensorProto, helper
 
-    nib = (values.reshape(-1).astype(np.int8) & 0x0F).astype(np.uint8)
+    from kiln.compile.weights import _pack_bits
+
+    nib = (values.reshape(-1).astype(np.int8) & 0x0F).astype(np.uint8)  # two's complement nibbles
     if nib.size % 2:
         nib = np.append(nib, np.uint8(0))
-    return helper.make_tensor(name, TensorProto.INT4, list(values.shape), (nib[0::2] | (nib[1::2] << 4)).tobytes(), raw=True)
+    return helper.make_tensor(name, TensorProto.INT4, list(values.shape), _pack_bits(nib, 4).tobytes(), raw=True)
 
 
 def qdq_problem(module: str, bits: int, group_size: int | None, symmetric: bool, activation_bits) -> str | None:

@@ -37,8 +37,12 @@ def session(path: Path, provider: str = "CPUExecutionProvider", threads: int | N
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     for k, v in (config or {}).items():
         so.add_session_config_entry(k, v)
-    opts = CUDA_OPTIONS if provider == "CUDAExecutionProvider" else {}
-    return ort.InferenceSession(str(path), so, providers=[(provider, opts)])
+    return ort.InferenceSession(str(path), so, providers=providers(provider))
+
+
+def providers(provider: str) -> list[tuple[str, dict]]:
+    """The `providers` argument of every session kiln opens: the provider with kiln's options."""
+    return [(provider, dict(CUDA_OPTIONS) if provider == "CUDAExecutionProvider" else {})]
 
 
 class OnnxDecoder:
