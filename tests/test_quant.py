@@ -38,6 +38,26 @@ def test_rtn_codes_lie_on_the_grid(scheme):
     assert sqnr_db(W, q.dequantize()) > 6.0 * scheme.bits - 8
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_symmetric_grid_uses_the_full_signed_range(bits):
+    """scale = max|w| / (2^(b-1) - 1/2): ±max|w| sits half a step outside the last code on either
+    side, so the extreme weight rounds to code 0 (−2^(b−1)) or to the top code, off by half a step."""
+    half = 2 ** (bits - 1)
+    W = torch.tensor([[-3.0, 1.0, 0.5, -0.25], [3.0, -1.0, 0.5, -0.25]])
+    q = rtn_quantize(W, QuantScheme(bits=bits, group_size=None, symmetric=True))
+    s = 3.0 / (half - 0.5)
+    assert torch.allclose(q.scale[:, 0], torch.full((2,), s))
+    assert int(q.codes[0, 0]) == 0 and int(q.codes[1, 0]) == 2 * half - 1
+    assert torch.allclose(q.dequantize()[:, 0], torch.tensor([-half * s, (half - 1) * s]))
+    # 2^b levels beat the 2^b − 1 of max|w| / (2^(b−1) − 1) on Gaussian weights
+    G = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
+    full = rtn_quantize(G, QuantScheme(bits=4, group_size=64, symmetric=True)).dequantize()
+    Gg = G.reshape(256, 8, 64)
+    s = Gg.abs().amax(-1, keepdim=True) / 7
+    narrow = (torch.clamp(torch.round(Gg / s), -7, 7) * s).reshape(256, 512)
+    assert sqnr_db(G, full) > sqnr_db(G, narrow) + 0.2
+
+
 @pytest.mark.parametrize("act_order", [True, False])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label())
 def test_gptq_reconstruction_loss_below_rtn(scheme, act_order):
