@@ -173,3 +173,56 @@ def test_distillation_without_a_teacher(tiny_models, tmp_path):
 ])
 def test_conflicting_combinations(tiny_models, tmp_path, stages, needles):
     _fails(tmp_path, method_recipe(tiny_models("llama"), stages, "llama"), 3, *needles)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "opt", "gpt2"])
+def test_true_sequential_hessians_come_from_quantized_inputs(arch, tiny_models):
+    """With `sequential: true`, each step's H must be that of its inputs once the steps before it are
+    quantized, i.e. exactly the inputs it sees in the fully quantized layer; the passes stop before
+    the step's linears run, so this also checks nothing past the stop point was needed."""
+    from transformers import AutoModelForCausalLM
+
+    from kiln.arch import decoder_layout, in_out_features, is_linear
+    from kiln.compress.base import WeightResult
+    from kiln.compress.engine import StageOutput, _weights_stage, capture_layer_inputs
+    from kiln.compress.hessian import HessianAccumulator
+    from kiln.compress.quant import QuantScheme, rtn_quantize
+
+    class Recorder:
+        sequential, act_scheme, seen = True, None, {}
+
+        def process_weight(self, W, H, name, keep=None):
+            self.seen[name] = H.clone()
+            q = rtn_quantize(W, QuantScheme(bits=3, group_size=16))
+            return WeightResult(q.dequantize(), None, {})
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models(arch), dtype=torch.float32).eval()
+    layout = decoder_layout(model)
+    layers = model.get_submodule(layout.layers_path)
+    names = [f"{layout.layer_name(0)}.{n}" for n, m in layers[0].named_modules() if is_linear(m)]
+    calib = torch.randint(0, 512, (4, 48))
+    inputs = capture_layer_inputs(model, layers, calib, batch_size=2)
+    mods = {n: model.get_submodule(n) for n in names}
+    float_h = _hessians(layers[0], mods, inputs, HessianAccumulator, in_out_features)
+
+    stage = Recorder()
+    _weights_stage(model, layers[0], 0, names, stage, inputs, frozenset(), {}, StageOutput())
+    assert set(stage.seen) == set(names)
+    quant_h = _hessians(layers[0], mods, inputs, HessianAccumulator, in_out_features)
+    for n in names:
+        assert torch.allclose(stage.seen[n], quant_h[n], rtol=1e-4, atol=1e-6), n
+    # the later steps really saw quantized inputs: their float-model H differs
+    last = [n for n in names if any(k in n for k in ("down_proj", "fc2", "c_proj"))]
+    assert last and not torch.allclose(float_h[last[-1]], quant_h[last[-1]], rtol=1e-3)
+
+
+def _hessians(layer, mods, inputs, acc_cls, in_out_features):
+    accs = {n: acc_cls(in_out_features(m)[0]) for n, m in mods.items()}
+    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: accs[n].add(a[0].detach())) for n, m in mods.items()]
+    with torch.no_grad():
+        for h, (args, kwargs) in zip(inputs.hidden, inputs.extras[0]):
+            layer(h, *args, **kwargs)
+    for h in handles:
+        h.remove()
+    return {n: a.result() for n, a in accs.items()}

@@ -86,15 +86,16 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.T
     return LayerInputs(hidden, extras)
 
 
-def _run_layer(layer: nn.Module, inputs: LayerInputs, i: int, before_batch=None, stop_after: nn.Module | None = None) -> list[torch.Tensor]:
-    """The layer's outputs for every calibration batch; with `stop_after`, each batch's forward ends
-    once that module has run (its hooks have seen what they need) and nothing is returned."""
+def _run_layer(layer: nn.Module, inputs: LayerInputs, i: int, before_batch=None, stop_at: nn.Module | None = None) -> list[torch.Tensor]:
+    """The layer's outputs for every calibration batch; with `stop_at`, each batch's forward ends
+    when that module is about to run (pre-hooks registered earlier have seen its input) and nothing
+    is returned."""
     out = []
     handle = None
-    if stop_after is not None:
-        def stop(module, args, output):
+    if stop_at is not None:
+        def stop(module, args):
             raise _Stop
-        handle = stop_after.register_forward_hook(stop)
+        handle = stop_at.register_forward_pre_hook(stop)
     try:
         with torch.no_grad():
             for h, (args, kwargs) in zip(inputs.hidden, inputs.extras[i]):
@@ -146,7 +147,7 @@ def _collect_inputs(layer: nn.Module, module: nn.Module, inputs: LayerInputs, i:
     rows: list[torch.Tensor] = []
     handle = module.register_forward_pre_hook(lambda m, a: rows.append(a[0].detach().reshape(-1, a[0].shape[-1]).float()))
     try:
-        _run_layer(layer, inputs, i, stop_after=module)
+        _run_layer(layer, inputs, i, stop_at=module)
     finally:
         handle.remove()
     X = torch.cat(rows)
@@ -248,11 +249,17 @@ def _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out
     for step in steps:
         hooks = None
         if inputs is not None:
-            hooks = HessianHooks({n_: mods[n_] for n_ in step}, {n_: in_out_features(mods[n_])[0] for n_ in step})
+            if len(steps) > 1:
+                # a step's linears read one tensor (see _forward_order): hook the first, stop before it runs
+                hooks = HessianHooks({step[0]: mods[step[0]]}, {step[0]: in_out_features(mods[step[0]])[0]})
+                for n_ in step[1:]:
+                    hooks.share(n_, step[0])
+                stop = mods[step[0]]
+            else:
+                hooks = HessianHooks({n_: mods[n_] for n_ in step}, {n_: in_out_features(mods[n_])[0] for n_ in step})
+                stop = None
             try:
-                # in forward order, the step's last linear is the last thing this pass needs to reach
-                last = mods[step[-1]] if len(steps) > 1 else None
-                _run_layer(layer, inputs, i, before_batch=hooks.next_batch, stop_after=last)
+                _run_layer(layer, inputs, i, before_batch=hooks.next_batch, stop_at=stop)
             finally:
                 hooks.remove()
         for n_ in step:

@@ -27,17 +27,23 @@ class HessianAccumulator:
 
 
 class HessianHooks:
-    """Forward hooks that fill one accumulator per distinct input: linears fed the very same tensor
-    (q/k/v after one norm, gate/up) share it, so it is computed once."""
+    """Forward pre-hooks that fill one accumulator per distinct input: linears fed the very same tensor
+    (q/k/v after one norm, gate/up) share it, so it is computed once. Pre-hooks, so that a pass may
+    stop before the linear itself runs (its output is not needed to know its input)."""
 
     def __init__(self, modules: dict[str, nn.Module], in_features: dict[str, int]):
         self.acc: dict[str, HessianAccumulator] = {}
         self.owner: dict[str, str] = {}  # module → module whose accumulator holds its H
         self._seen: dict[tuple, str] = {}
-        self._handles = [m.register_forward_hook(self._hook(n, in_features[n])) for n, m in modules.items()]
+        self._handles = [m.register_forward_pre_hook(self._hook(n, in_features[n])) for n, m in modules.items()]
+
+    def share(self, name: str, owner: str) -> None:
+        """Declare that `name` reads the very tensor `owner` reads (known from a probe), so a pass
+        that stops at `owner` still gives `name` its H."""
+        self.owner[name] = owner
 
     def _hook(self, name: str, in_features: int):
-        def fn(module, args, output):
+        def fn(module, args):
             x = args[0]
             key = (x.data_ptr(), tuple(x.shape))
             if name in self.owner:
