@@ -94,6 +94,28 @@ def test_awq_smoothing_keeps_the_float_model(tiny_models, tmp_path):
     assert float((a - b).norm() / b.norm()) < 1e-4
 
 
+@pytest.mark.parametrize("arch,linear_fed", [("llama", "mlp.down_proj"), ("opt", "fc2")])
+@pytest.mark.parametrize("groups", ["norm", "all"])
+def test_smoothquant_keeps_the_float_model(tiny_models, tmp_path, arch, linear_fed, groups):
+    """SmoothQuant's folds leave the float function intact; groups='all' also smooths the inputs of
+    linear-fed groups (down_proj through up_proj, OPT's fc2 through fc1), 'norm' leaves those linears alone."""
+    from kiln.model import WeightStore, load_full
+
+    model_dir = tiny_models(arch)
+    r = method_recipe(model_dir, [{"kind": "smoothquant", "alpha": 0.5, "groups": groups},
+                                  {"kind": "rtn", "scheme": W8, "activations": {"bits": 8}}], arch)
+    run_json("run", str(write_recipe(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "run"), "--quiet")
+    files = sorted((tmp_path / "run" / "stages").glob("00-smoothquant-*/layer-*.safetensors"))
+    ref = load_full(model_dir, WeightStore(model_dir))
+    smoothed = load_full(model_dir, WeightStore(model_dir, files))
+    changed = {k for k, v in smoothed.state_dict().items() if not torch.equal(v, ref.state_dict()[k])}
+    assert any(k.endswith(f"{linear_fed}.weight") for k in changed) == (groups == "all"), sorted(changed)
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ref(ids).logits, smoothed(ids).logits
+    assert float((a - b).norm() / b.norm()) < 1e-4
+
+
 def test_distillation_loss_goes_down_and_masks_stay(tiny_models, tmp_path):
     from kiln.artifact import load_model
 

@@ -18,7 +18,7 @@ from typing import ClassVar, Literal
 
 import torch
 from torch import nn
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from kiln.compress.base import StageConfig
 
@@ -48,19 +48,23 @@ def smooth_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: 
 class SmoothQuantConfig(StageConfig):
     kind: Literal["smoothquant"] = "smoothquant"
     alpha: float = 0.5
+    groups: Literal["norm", "all"] = Field(
+        "all", description="'norm': smooth the inputs of norm-fed groups only (q/k/v, gate/up: the paper's "
+        "choice); 'all': also those of linear-fed ones (down_proj through up_proj, o_proj through v_proj where "
+        "heads map one-to-one), whose outliers per-token int8 activations otherwise take unsmoothed")
 
     needs_calibration = True
     role = "smoothing"
     max_tokens: ClassVar[int] = 1 << 62  # the per-channel maximum over every calibration token
 
     def smooth(self, prev: nn.Module, prev_name: str, linears: dict[str, nn.Module], X: torch.Tensor, names: set[str]) -> dict | None:
-        """Migrate activation outliers of a norm-fed group into its weights (the paper smooths the
-        inputs of the QKV and first MLP projections, whose producers are norms)."""
+        """Migrate activation outliers of a group's input into its weights; the producer (a norm, or
+        with groups='all' also a linear: up_proj for down_proj, v_proj for o_proj) absorbs 1/s."""
         from kiln.arch import weight_matrix
         from kiln.compress.smoothing import fold_kind, fold_scales
 
         kind = fold_kind(prev)
-        if kind == "linear":
+        if kind == "linear" and self.groups == "norm":
             return None
         mods = list(linears.values())
         absmax = X.abs().amax(dim=0)
