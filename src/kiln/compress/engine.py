@@ -142,16 +142,26 @@ def _forward_order(layer: nn.Module, mods: dict[str, nn.Module], inputs: LayerIn
     return steps + [[n] for n in mods if n not in feeds]  # never reached (should not happen): last
 
 
-def _collect_inputs(layer: nn.Module, module: nn.Module, inputs: LayerInputs, i: int, max_tokens: int) -> torch.Tensor:
-    """The rows (tokens, in) entering `module` over the calibration set, evenly thinned to `max_tokens`."""
+def _collect_inputs(layer: nn.Module, module: nn.Module, inputs: LayerInputs, i: int, max_tokens: int | None) -> torch.Tensor:
+    """The rows (tokens, in) entering `module` over the calibration set, evenly thinned to `max_tokens`;
+    with `max_tokens=None` only their per-channel max |x|, kept running (one row, whatever the token count)."""
     rows: list[torch.Tensor] = []
-    handle = module.register_forward_pre_hook(lambda m, a: rows.append(a[0].detach().reshape(-1, a[0].shape[-1]).float()))
+
+    def keep(m, a):
+        x = a[0].detach().reshape(-1, a[0].shape[-1]).float()
+        if max_tokens is None:
+            x = x.abs().amax(dim=0, keepdim=True)
+            if rows:
+                x = torch.maximum(rows.pop(), x)
+        rows.append(x)
+
+    handle = module.register_forward_pre_hook(keep)
     try:
         _run_layer(layer, inputs, i, stop_at=module)
     finally:
         handle.remove()
     X = torch.cat(rows)
-    if X.shape[0] > max_tokens:
+    if max_tokens is not None and X.shape[0] > max_tokens:
         X = X[torch.linspace(0, X.shape[0] - 1, max_tokens).long()]
     return X
 

@@ -3,10 +3,11 @@
 Convention (shared by every method and every exporter): codes are unsigned integers in
 [0, 2^bits - 1]; `w ≈ (code - zero) * scale`, with one (scale, zero) pair per output row and group of
 `group_size` consecutive input columns. Symmetric grids fix zero = 2^(bits-1) and scale =
-max|w| / (2^(bits-1) - 1/2), so every code is an integer in the full signed range [-2^(b-1), 2^(b-1) - 1]
-the exporters write: 16 levels at 4 bits, not 15. ±max|w| falls half a step outside the last code on
-either side, so a group's extreme weight is off by half a step; the finer step pays for it (Gemma-3-270M GPTQ W4A16 g128: perplexity 27.26 against 28.57 with max|w| / 7). It is
-compressed-tensors' symmetric grid, so llm-compressor checkpoints and ours mean the same codes.
+max|w| / (2^(bits-1) - 1/2), so every code is an integer in the full signed range
+[-2^(b-1), 2^(b-1) - 1] the exporters write: 16 levels at 4 bits, not 15. ±max|w| falls half a step
+outside the last code on either side, so a group's extreme weight is off by half a step; the finer
+step pays for it (Gemma-3-270M GPTQ W4A16 g128: perplexity 27.26 against 28.57 with max|w| / 7).
+It is compressed-tensors' symmetric grid, so llm-compressor checkpoints and ours mean the same codes.
 A last group shorter than `group_size` is allowed here; whether a format can store it is decided by
 the format at plan time.
 """

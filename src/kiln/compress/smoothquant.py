@@ -55,11 +55,12 @@ class SmoothQuantConfig(StageConfig):
 
     needs_calibration = True
     role = "smoothing"
-    max_tokens: ClassVar[int] = 1 << 62  # the per-channel maximum over every calibration token
+    max_tokens: ClassVar[int | None] = None  # smooth() gets only max |x| per channel, over every calibration token
 
     def smooth(self, prev: nn.Module, prev_name: str, linears: dict[str, nn.Module], X: torch.Tensor, names: set[str]) -> dict | None:
         """Migrate activation outliers of a group's input into its weights; the producer (a norm, or
-        with groups='all' also a linear: up_proj for down_proj, v_proj for o_proj) absorbs 1/s."""
+        with groups='all' also a linear: up_proj for down_proj, v_proj for o_proj) absorbs 1/s.
+        X is (1, in): max |x| per input channel over the calibration set (max_tokens = None)."""
         from kiln.arch import weight_matrix
         from kiln.compress.smoothing import fold_kind, fold_scales
 
