@@ -62,14 +62,14 @@ LABELS = {"gptq_w4a16": "GPTQ W4A16", "awq_w4a16": "AWQ W4A16", "sq_gptq_w8a8": 
 
 def kiln_stages(method: str, g: int) -> list[dict]:
     if method == "gptq_w4a16":
-        return [{"kind": "gptq", "scheme": {"bits": 4, "group_size": g, "symmetric": True}, "act_order": True,
+        return [{"kind": "gptq", "scheme": {"bits": 4, "group_size": g, "symmetric": True, "symmetric_range": "full"}, "act_order": True,
                  "block_size": 128, "damp": 0.01}]
     if method == "awq_w4a16":
         return [{"kind": "awq", "scheme": {"bits": 4, "group_size": g, "symmetric": False}},
                 {"kind": "rtn", "scheme": {"bits": 4, "group_size": g, "symmetric": False}}]
     if method == "sq_gptq_w8a8":
         return [{"kind": "smoothquant", "alpha": SMOOTHING_STRENGTH},
-                {"kind": "gptq", "scheme": {"bits": 8, "group_size": None, "symmetric": True},
+                {"kind": "gptq", "scheme": {"bits": 8, "group_size": None, "symmetric": True, "symmetric_range": "full"},
                  "activations": {"bits": 8}, "act_order": True}]
     if method == "sparsegpt_50":
         return [{"kind": "sparsegpt", "sparsity": 0.5}]
@@ -576,7 +576,7 @@ def footnotes(args, prep: dict, g: int, results: dict) -> list[str]:
         "(= dequantize=True in this transformers) in fp32: its stored weights, dequantized.",
         f"SmoothQuant smoothing strength α = {SMOOTHING_STRENGTH} for both tools (llm-compressor "
         f"SmoothQuantModifier(smoothing_strength={SMOOTHING_STRENGTH}), kiln smoothquant alpha {SMOOTHING_STRENGTH}). "
-        "GPTQ: actorder static / act_order, block 128, dampening 0.01 for both.",
+        "GPTQ: actorder static / act_order, block 128, dampening 0.01 for both; symmetric grids are compressed-tensors' max|w| / (2^(b-1) - 1/2) in both (kiln: symmetric_range full).",
         "† W8A8 activations: kiln evaluates with real dynamic per-token int8 activations (int8 GEMM). "
         "transformers' run_compressed=False / dequantize=True load only dequantizes the weights; "
         + ("the bench adds compressed-tensors' own dynamic per-token int8 fake quantization of each linear's "

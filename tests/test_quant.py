@@ -39,23 +39,26 @@ def test_rtn_codes_lie_on_the_grid(scheme):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_symmetric_grid_uses_the_full_signed_range(bits):
-    """scale = max|w| / (2^(b-1) - 1/2): ±max|w| sits half a step outside the last code on either
-    side, so the extreme weight rounds to code 0 (−2^(b−1)) or to the top code, off by half a step."""
+def test_symmetric_ranges(bits):
+    """balanced: scale = max|w| / (2^(b-1) - 1), ±max|w| on codes 1 and 2^b - 1 exactly.
+    full: scale = max|w| / (2^(b-1) - 1/2), ±max|w| half a step outside the last codes, so the
+    extreme rounds to code 0 (−2^(b−1)) or the top code."""
     half = 2 ** (bits - 1)
     W = torch.tensor([[-3.0, 1.0, 0.5, -0.25], [3.0, -1.0, 0.5, -0.25]])
-    q = rtn_quantize(W, QuantScheme(bits=bits, group_size=None, symmetric=True))
+    bal = rtn_quantize(W, QuantScheme(bits=bits, group_size=None, symmetric=True))
+    assert torch.allclose(bal.scale[:, 0], torch.full((2,), 3.0 / (half - 1)))
+    assert int(bal.codes[0, 0]) == 1 and int(bal.codes[1, 0]) == 2 * half - 1
+    assert torch.allclose(bal.dequantize()[:, 0], torch.tensor([-3.0, 3.0]))
+
+    full = rtn_quantize(W, QuantScheme(bits=bits, group_size=None, symmetric=True, symmetric_range="full"))
     s = 3.0 / (half - 0.5)
-    assert torch.allclose(q.scale[:, 0], torch.full((2,), s))
-    assert int(q.codes[0, 0]) == 0 and int(q.codes[1, 0]) == 2 * half - 1
-    assert torch.allclose(q.dequantize()[:, 0], torch.tensor([-half * s, (half - 1) * s]))
-    # 2^b levels beat the 2^b − 1 of max|w| / (2^(b−1) − 1) on Gaussian weights
+    assert torch.allclose(full.scale[:, 0], torch.full((2,), s))
+    assert int(full.codes[0, 0]) == 0 and int(full.codes[1, 0]) == 2 * half - 1
+    assert torch.allclose(full.dequantize()[:, 0], torch.tensor([-half * s, (half - 1) * s]))
+    # 2^b levels beat 2^b − 1 for round-to-nearest of Gaussian weights
     G = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
-    full = rtn_quantize(G, QuantScheme(bits=4, group_size=64, symmetric=True)).dequantize()
-    Gg = G.reshape(256, 8, 64)
-    s = Gg.abs().amax(-1, keepdim=True) / 7
-    narrow = (torch.clamp(torch.round(Gg / s), -7, 7) * s).reshape(256, 512)
-    assert sqnr_db(G, full) > sqnr_db(G, narrow) + 0.2
+    err = lambda r: sqnr_db(G, rtn_quantize(G, QuantScheme(bits=4, group_size=64, symmetric_range=r)).dequantize())
+    assert err("full") > err("balanced") + 0.2
 
 
 @pytest.mark.parametrize("act_order", [True, False])

@@ -2,12 +2,15 @@
 
 Convention (shared by every method and every exporter): codes are unsigned integers in
 [0, 2^bits - 1]; `w ≈ (code - zero) * scale`, with one (scale, zero) pair per output row and group of
-`group_size` consecutive input columns. Symmetric grids fix zero = 2^(bits-1) and scale =
-max|w| / (2^(bits-1) - 1/2), so every code is an integer in the full signed range
-[-2^(b-1), 2^(b-1) - 1] the exporters write: 16 levels at 4 bits, not 15. ±max|w| falls half a step
-outside the last code on either side, so a group's extreme weight is off by half a step; the finer
-step pays for it (Gemma-3-270M GPTQ W4A16 g128: perplexity 27.26 against 28.57 with max|w| / 7).
-It is compressed-tensors' symmetric grid, so llm-compressor checkpoints and ours mean the same codes.
+`group_size` consecutive input columns. Symmetric grids fix zero = 2^(bits-1); their scale depends
+on `symmetric_range`:
+- "balanced" (default): scale = max|w| / (2^(b-1) - 1), codes ±(2^(b-1) - 1) cover ±max|w| exactly
+  (15 levels at 4 bits; code 0 stays free as headroom below).
+- "full": scale = max|w| / (2^(b-1) - 1/2), codes -2^(b-1) … 2^(b-1) - 1 (16 levels), compressed-
+  tensors' (llm-compressor's) grid. ±max|w| falls half a step outside the last code on either side.
+Neither wins everywhere. GPTQ W4A16 perplexity, balanced → full: Gemma-3-270M g128 at 8 × 256
+calibration tokens 28.57 → 27.26; SmolLM2 g64 at 64 × 512 28.84 → 28.94, at 16 × 256 31.88 → 34.58
+(RTN there 36.26 → 33.77). Every code is an integer in the signed range the exporters write.
 A last group shorter than `group_size` is allowed here; whether a format can store it is decided by
 the format at plan time.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,6 +39,7 @@ class QuantScheme(BaseModel):
     bits: int = Field(4, ge=2, le=8)
     group_size: int | None = Field(128, ge=8)
     symmetric: bool = True
+    symmetric_range: Literal["balanced", "full"] = "balanced"
     observer: Observer = Observer.minmax
 
     @property
@@ -50,7 +55,8 @@ class QuantScheme(BaseModel):
     def label(self) -> str:
         g = "channel" if self.group_size is None else f"g{self.group_size}"
         obs = "" if self.observer is Observer.minmax else f"-{self.observer.value}"
-        return f"w{self.bits}-{g}-{'sym' if self.symmetric else 'asym'}{obs}"
+        sym = ("symfull" if self.symmetric_range == "full" else "sym") if self.symmetric else "asym"
+        return f"w{self.bits}-{g}-{sym}{obs}"
 
 
 @dataclass
@@ -78,7 +84,8 @@ def group_index(in_features: int, group_size: int | None) -> torch.Tensor:
 def _minmax(wmin: torch.Tensor, wmax: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
     if scheme.symmetric:
         half = 2 ** (scheme.bits - 1)
-        scale = (torch.maximum(-wmin, wmax) / (half - 0.5)).clamp(min=1e-8)
+        top = half - 0.5 if scheme.symmetric_range == "full" else half - 1
+        scale = (torch.maximum(-wmin, wmax) / top).clamp(min=1e-8)
         return scale, torch.full_like(scale, float(half))
     scale = ((wmax - wmin) / scheme.maxq).clamp(min=1e-8)
     return scale, torch.round(-wmin / scale).clamp(0, scheme.maxq)
