@@ -61,6 +61,14 @@ def test_symmetric_ranges(bits):
     assert err("full") > err("balanced") + 0.2
 
 
+def test_symmetric_range_on_an_asymmetric_grid_is_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="symmetric_range: full applies to symmetric grids only"):
+        QuantScheme(bits=4, group_size=64, symmetric=False, symmetric_range="full")
+    assert QuantScheme(symmetric=False, symmetric_range="balanced").symmetric_range == "balanced"  # a no-op, as dumped
+
+
 @pytest.mark.parametrize("act_order", [True, False])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.label())
 def test_gptq_reconstruction_loss_below_rtn(scheme, act_order):

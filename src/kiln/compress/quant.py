@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Observer(str, enum.Enum):
@@ -39,8 +39,16 @@ class QuantScheme(BaseModel):
     bits: int = Field(4, ge=2, le=8)
     group_size: int | None = Field(128, ge=8)
     symmetric: bool = True
-    symmetric_range: Literal["balanced", "full"] = "balanced"
+    symmetric_range: Literal["balanced", "full"] = Field(
+        "balanced", description="symmetric grids only: 'balanced' = max|w| / (2^(b-1) - 1), 'full' = "
+        "max|w| / (2^(b-1) - 1/2) with codes down to -2^(b-1) (compressed-tensors' grid)")
     observer: Observer = Observer.minmax
+
+    @model_validator(mode="after")
+    def _range_needs_symmetric(self) -> "QuantScheme":
+        if not self.symmetric and self.symmetric_range == "full":
+            raise ValueError("symmetric_range: full applies to symmetric grids only; drop it or set symmetric: true")
+        return self
 
     @property
     def maxq(self) -> int:
