@@ -204,10 +204,9 @@ def test_true_sequential_hessians_come_from_quantized_inputs(arch, tiny_models):
     the step's linears run, so this also checks nothing past the stop point was needed."""
     from transformers import AutoModelForCausalLM
 
-    from kiln.arch import decoder_layout, in_out_features, is_linear
+    from kiln.arch import decoder_layout, is_linear
     from kiln.compress.base import WeightResult
     from kiln.compress.engine import StageOutput, _weights_stage, capture_layer_inputs
-    from kiln.compress.hessian import HessianAccumulator
     from kiln.compress.quant import QuantScheme, rtn_quantize
 
     class Recorder:
@@ -226,12 +225,12 @@ def test_true_sequential_hessians_come_from_quantized_inputs(arch, tiny_models):
     calib = torch.randint(0, 512, (4, 48))
     inputs = capture_layer_inputs(model, layers, calib, batch_size=2)
     mods = {n: model.get_submodule(n) for n in names}
-    float_h = _hessians(layers[0], mods, inputs, HessianAccumulator, in_out_features)
+    float_h = _hessians(layers[0], mods, inputs)
 
     stage = Recorder()
     _weights_stage(model, layers[0], 0, names, stage, inputs, frozenset(), {}, StageOutput())
     assert set(stage.seen) == set(names)
-    quant_h = _hessians(layers[0], mods, inputs, HessianAccumulator, in_out_features)
+    quant_h = _hessians(layers[0], mods, inputs)
     for n in names:
         assert torch.allclose(stage.seen[n], quant_h[n], rtol=1e-4, atol=1e-6), n
     # the later steps really saw quantized inputs: their float-model H differs
@@ -239,8 +238,12 @@ def test_true_sequential_hessians_come_from_quantized_inputs(arch, tiny_models):
     assert last and not torch.allclose(float_h[last[-1]], quant_h[last[-1]], rtol=1e-3)
 
 
-def _hessians(layer, mods, inputs, acc_cls, in_out_features):
-    accs = {n: acc_cls(in_out_features(m)[0]) for n, m in mods.items()}
+def _hessians(layer, mods, inputs):
+    """H of each module's inputs over one plain run of the layer (layer 0's calibration batches)."""
+    from kiln.arch import in_out_features
+    from kiln.compress.hessian import HessianAccumulator
+
+    accs = {n: HessianAccumulator(in_out_features(m)[0]) for n, m in mods.items()}
     handles = [m.register_forward_pre_hook(lambda mod, a, n=n: accs[n].add(a[0].detach())) for n, m in mods.items()]
     with torch.no_grad():
         for h, (args, kwargs) in zip(inputs.hidden, inputs.extras[0]):

@@ -142,28 +142,32 @@ def _forward_order(layer: nn.Module, mods: dict[str, nn.Module], inputs: LayerIn
     return steps + [[n] for n in mods if n not in feeds]  # never reached (should not happen): last
 
 
-def _collect_inputs(layer: nn.Module, module: nn.Module, inputs: LayerInputs, i: int, max_tokens: int | None) -> torch.Tensor:
-    """The rows (tokens, in) entering `module` over the calibration set, evenly thinned to `max_tokens`;
-    with `max_tokens=None` only their per-channel max |x|, kept running (one row, whatever the token count)."""
+def _collect_inputs(layer: nn.Module, module: nn.Module, inputs: LayerInputs, i: int, max_tokens: int) -> torch.Tensor:
+    """The rows (tokens, in) entering `module` over the calibration set, evenly thinned to `max_tokens`."""
     rows: list[torch.Tensor] = []
-
-    def keep(m, a):
-        x = a[0].detach().reshape(-1, a[0].shape[-1]).float()
-        if max_tokens is None:
-            x = x.abs().amax(dim=0, keepdim=True)
-            if rows:
-                x = torch.maximum(rows.pop(), x)
-        rows.append(x)
-
-    handle = module.register_forward_pre_hook(keep)
+    handle = module.register_forward_pre_hook(lambda m, a: rows.append(a[0].detach().reshape(-1, a[0].shape[-1]).float()))
     try:
         _run_layer(layer, inputs, i, stop_at=module)
     finally:
         handle.remove()
     X = torch.cat(rows)
-    if max_tokens is not None and X.shape[0] > max_tokens:
+    if X.shape[0] > max_tokens:
         X = X[torch.linspace(0, X.shape[0] - 1, max_tokens).long()]
     return X
+
+
+def _input_absmax(layer: nn.Module, module: nn.Module, inputs: LayerInputs, i: int) -> torch.Tensor:
+    """max |x| per input channel of `module` over the calibration set, as one row (1, in), kept
+    running so that no token row is stored."""
+    from kiln.compress.smoothing import ActStats
+
+    stats = ActStats()
+    handle = module.register_forward_pre_hook(lambda m, a: stats.add(a[0].float()))
+    try:
+        _run_layer(layer, inputs, i, stop_at=module)
+    finally:
+        handle.remove()
+    return stats.absmax[None]
 
 
 def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str], calib: torch.Tensor | None,
@@ -297,7 +301,9 @@ def _smoothing_stage(model, layout, layer, i, names: set[str], stage, inputs, ou
             continue
         t0 = time.perf_counter()
         linears = {n_: model.get_submodule(n_) for n_ in g.linears}
-        X = _collect_inputs(layer, linears[g.linears[0]], inputs, i, stage.max_tokens)
+        first = linears[g.linears[0]]
+        X = (_input_absmax(layer, first, inputs, i) if stage.max_tokens is None
+             else _collect_inputs(layer, first, inputs, i, stage.max_tokens))
         stats = stage.smooth(model.get_submodule(g.prev), g.prev, linears, X, names)
         if stats is None:
             continue
