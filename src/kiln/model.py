@@ -157,6 +157,12 @@ def tied_aliases(model: nn.Module) -> dict[str, list[str]]:
     return {n: names for names in groups.values() if len(names) > 1 for n in names}
 
 
+def stored_apart(store: WeightStore, aliases: dict[str, list[str]]) -> bool:
+    """Whether the store holds a tied tensor under two of its names (a stage rewrote one of them, as
+    quantizing the output projection of a model whose head is its input embedding does)."""
+    return any(sum(n in store for n in names) > 1 for names in aliases.values())
+
+
 def materialize(model: nn.Module, prefix: str, store: WeightStore, aliases: dict[str, list[str]] | None = None,
                 recurse: bool = True) -> None:
     """Load every parameter and persistent buffer under `prefix` from the store (in place)."""
@@ -194,7 +200,10 @@ def load_full(model_dir: Path, store: WeightStore, trust_remote_code: bool = Fal
     model = build_skeleton(model_dir, trust_remote_code)
     aliases = tied_aliases(model)
     materialize(model, "", store, aliases)
-    model.tie_weights()
+    if stored_apart(store, aliases):
+        model.config.tie_word_embeddings = False  # a stage rewrote the head: keep it apart from the embedding
+    else:
+        model.tie_weights()
     for name in store.keys():
         info = store.quant_info(name)
         if info and info.get("activation_bits"):

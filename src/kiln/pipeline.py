@@ -46,18 +46,22 @@ class Plan:
     model: ResolvedModel
     layers_path: str
     num_layers: int
-    linears: dict[str, dict]  # every linear inside decoder layers → {in_features, out_features, transposed}
+    linears: dict[str, dict]  # every linear inside decoder layers, and the head → {in_features, out_features, transposed}
     stages: list[StagePlan] = field(default_factory=list)
     quantized: dict[str, dict] = field(default_factory=dict)  # module → {bits, group_size, symmetric, transposed, stage}
     max_positions: int | None = None
     tied: dict[str, str] = field(default_factory=dict)  # tied parameter name → its canonical (first) name
     sparse: dict[str, int] = field(default_factory=dict)  # pruned module → index of the stage that pruned it
+    head: str | None = None  # the output projection's module name (a target only when a recipe names it)
+    untied_head: bool = False  # a stage rewrites the head: it is stored apart from the input embedding
 
 
-def _resolve_targets(stage, linears: list[str], where: str) -> list[str]:
+def _resolve_targets(stage, linears: list[str], where: str, head: str | None = None) -> list[str]:
+    """Globs match the linears inside decoder layers; the output projection (`head`) only when a
+    pattern is exactly its name, so `targets: ['*']` never quantizes it by accident."""
     chosen = []
     for pattern in stage.targets:
-        hits = [n for n in linears if fnmatch.fnmatchcase(n, pattern)]
+        hits = [n for n in linears if fnmatch.fnmatchcase(n, pattern) and (n != head or pattern == head)]
         if not hits:
             raise RecipeError(f"{where}.targets: pattern {pattern!r} matches no linear layer",
                               hint=f"names look like {linears[0]!r}; use shell-style globs such as '*.mlp.*'")
@@ -90,6 +94,17 @@ def _check_composition(where: str, module: str, stage, earlier: list[tuple[int, 
                               hint="use the same scheme in both stages")
 
 
+def _check_head(where: str, stage, head: str) -> None:
+    """What a stage cannot do to the output projection."""
+    if stage.role == "smoothing":
+        raise RecipeError(f"{where} ({stage.kind}) cannot target {head}: smoothing folds scales into the op before "
+                          "a linear, which kiln does inside decoder layers only",
+                          hint=f"drop {head} from this stage's targets; quantize it in its own rtn or gptq stage")
+    if stage.act_scheme is not None:
+        raise RecipeError(f"{where} ({stage.kind}): int8 activations are not supported for the output projection {head}",
+                          hint=f"quantize {head} weight-only in a stage of its own (targets: [{head}], no activations)")
+
+
 def _shape_problems(stage, targets: list[str], linears: dict[str, dict]) -> list[str]:
     out = []
     nm = getattr(stage, "nm", None)
@@ -113,14 +128,18 @@ def make_plan(recipe: Recipe, model: ResolvedModel) -> Plan:
 
     skeleton = build_skeleton(model.path, recipe.model.trust_remote_code)
     layout = decoder_layout(skeleton)
+    head_module = skeleton.get_output_embeddings()
+    head = next((n for n, m in skeleton.named_modules() if m is head_module), None) if head_module is not None else None
     linears = {}
     for name, mod in skeleton.named_modules():
-        if name.startswith(layout.layers_path + ".") and is_linear(mod):
+        if (name.startswith(layout.layers_path + ".") or name == head) and is_linear(mod):
             i, o = in_out_features(mod)
             linears[name] = {"in_features": i, "out_features": o, "transposed": is_transposed(mod)}
+    head = head if head in linears else None
+    aliases = tied_aliases(skeleton)
     plan = Plan(recipe, model, layout.layers_path, layout.num_layers, linears,
                 max_positions=getattr(skeleton.config, "max_position_embeddings", None) or getattr(skeleton.config, "n_positions", None),
-                tied={n: names[0] for n, names in tied_aliases(skeleton).items() if n != names[0]})
+                tied={n: names[0] for n, names in aliases.items() if n != names[0]}, head=head)
     skeleton_config = skeleton.config
     del skeleton
 
@@ -130,7 +149,10 @@ def make_plan(recipe: Recipe, model: ResolvedModel) -> Plan:
     history: dict[str, list[tuple[int, object]]] = {}  # module → [(stage index, config)] in order
     for k, stage in enumerate(recipe.compress):
         where = f"compress[{k}]"
-        targets = _resolve_targets(stage, list(linears), where)
+        targets = _resolve_targets(stage, list(linears), where, head)
+        if head in targets:
+            _check_head(where, stage, head)
+            plan.untied_head = plan.untied_head or stage.role == "weights"
         plan.stages.append(StagePlan(k, stage, targets))
         for t in targets:
             _check_composition(where, t, stage, history.get(t, []))
@@ -153,6 +175,9 @@ def make_plan(recipe: Recipe, model: ResolvedModel) -> Plan:
         if last.role == "smoothing":
             raise RecipeError(f"compress[{k}] ({last.kind}) is the last stage touching {t}: it only rescales",
                               hint="add an rtn or gptq stage after it for the same layers")
+    if plan.untied_head:  # the head is written under its own name, the embedding stays as it was
+        weight = head + ".weight"
+        plan.tied = {n: c for n, c in plan.tied.items() if weight not in (n, c) and weight not in aliases.get(n, [])}
     if problems:
         shown = problems[:6] + ([f"... and {len(problems) - 6} more"] if len(problems) > 6 else [])
         raise RecipeError(f"output.format {recipe.output.format.value!r} cannot store this plan:\n  " + "\n  ".join(shown))
@@ -199,6 +224,11 @@ def _compile_problems(recipe: Recipe, plan: Plan, config) -> list[str]:
             out.append(f"{m}: {q['bits']}-bit weights; MatMulNBits stores 2, 4 or 8 bits (use bits 4 or 8, or drop compile)")
         elif (p := nbits_problem(m, q["group_size"], plan.linears[m]["in_features"])) is not None:
             out.append(p)
+    if plan.head in plan.quantized:
+        k = plan.quantized[plan.head]["stage"]
+        out += [f"{t.folder}: lm_head_bits would quantize {plan.head} again at export, but compress[{k}] already "
+                f"quantized it; drop lm_head_bits (the graph carries compress[{k}]'s codes)"
+                for t in recipe.compile.targets if getattr(t, "lm_head_bits", None)]
     return out
 
 
@@ -423,7 +453,7 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
             try:
                 artifact.build_checkpoint(tmp, model.path, store, plan.quantized, recipe.output.format, out_dtype, plan.tied,
                                           {t: plan.stages[k].config.pattern if plan.stages[k].config.nm else "unstructured"
-                                           for t, k in plan.sparse.items()})
+                                           for t, k in plan.sparse.items()}, plan.head, plan.untied_head)
                 (tmp / "recipe.yaml").write_text(_recipe_yaml(recipe))
                 manifest = base_manifest()
                 manifest.update({

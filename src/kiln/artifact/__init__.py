@@ -120,9 +120,12 @@ class _ShardWriter:
 
 
 def build_checkpoint(root: Path, model_dir: Path, store, quantized: dict[str, dict], fmt: OutputFormat,
-                     dtype: torch.dtype, tied: dict[str, str], sparse: dict[str, str] | None = None) -> None:
+                     dtype: torch.dtype, tied: dict[str, str], sparse: dict[str, str] | None = None,
+                     head: str | None = "lm_head", untied_head: bool = False) -> None:
     """Write config, tokenizer and weights. `quantized`: module name → {symmetric, transposed};
-    `tied`: tied names → the canonical name the tensor is written under (the input embedding)."""
+    `tied`: tied names → the canonical name the tensor is written under (the input embedding);
+    `untied_head`: a stage rewrote the output projection `head`, so it is stored apart from the
+    embedding and the config says so."""
     writer = _ShardWriter(root)
     groups: dict[tuple, list[str]] = {}
     for name in store.keys():
@@ -143,8 +146,10 @@ def build_checkpoint(root: Path, model_dir: Path, store, quantized: dict[str, di
 
     cfg = json.loads((model_dir / "config.json").read_text())
     cfg["dtype"] = str(dtype).removeprefix("torch.")
+    if untied_head:
+        cfg["tie_word_embeddings"] = False
     if fmt is OutputFormat.compressed_tensors and groups:
-        cfg["quantization_config"] = _ct_config(groups, ignore=["lm_head"])
+        cfg["quantization_config"] = _ct_config(groups, ignore=[head] if head and head not in quantized else [])
     if fmt is OutputFormat.compressed_tensors and sparse:
         cfg.setdefault("quantization_config", {"quant_method": "compressed-tensors"})["sparsity_config"] = _ct_sparsity(sparse, store)
     (root / "config.json").write_text(json.dumps(cfg, indent=2))

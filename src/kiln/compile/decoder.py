@@ -103,7 +103,8 @@ def spec_from_config(config, has_lm_head: bool) -> Spec:
         return Spec(family=mt, hidden=config.n_embd, heads=config.n_head, kv_heads=config.n_head,
                     head_dim=config.n_embd // config.n_head, layers=L, vocab=config.vocab_size,
                     eps=config.layer_norm_epsilon, max_positions=config.n_positions, embed="transformer.wte.weight",
-                    layer_prefix="transformer.h.{i}", final_norm="transformer.ln_f", lm_head=None, norm="layer",
+                    layer_prefix="transformer.h.{i}", final_norm="transformer.ln_f",
+                    lm_head="lm_head" if has_lm_head else None, norm="layer",
                     rotary=False, positions="transformer.wpe.weight", act="gelu_tanh", gated=False,
                     windows=(None,) * L, layer_types=("full_attention",) * L,
                     names={"in_norm": "ln_1", "qkv": "attn.c_attn", "o": "attn.c_proj", "post_norm": "ln_2",
@@ -260,8 +261,8 @@ class DecoderBuilder:
         y = g.op("Mul", [y, g.init(name + ".weight_scale", w_scale.astype(np.float32))], name=name + "/Scale")
         return g.op("Cast", [y], to=self.elem) if self.opts.dtype == "float16" else y
 
-    def load(self, module: str) -> LinearW:
-        return load_linear(self.store, module, self.transposed, self.opts.max_block)
+    def load(self, module: str, transposed: bool | None = None) -> LinearW:
+        return load_linear(self.store, module, self.transposed if transposed is None else transposed, self.opts.max_block)
 
     def norm_weights(self, module: str) -> tuple[str, str | None]:
         gamma = self.tensor(module + ".weight") + self.s.norm_offset
@@ -358,9 +359,13 @@ class DecoderBuilder:
         h, _ = self.skip_norm(pending, residual, s.final_norm)
 
         # the output projection reads the embedding as stored (V, H) when tied: no transposed copy
-        head = table if s.lm_head is None else self.tensor(s.lm_head + ".weight")
+        head_quantized = s.lm_head is not None and self.store.quant_info(s.lm_head + ".weight") is not None
+        head = table if s.lm_head is None or head_quantized else self.tensor(s.lm_head + ".weight")
         head_bias = self.tensor(s.lm_head + ".bias") if s.lm_head is not None and s.lm_head + ".bias" in self.store else None
-        if self.opts.lm_head_bits:
+        if head_quantized:  # compress quantized it: its codes, like every other linear (a Linear, never a Conv1D)
+            logits = self.linear(h, self.load(s.lm_head, transposed=False), "lm_head")
+            flat = None
+        elif self.opts.lm_head_bits:
             # ORT's CPU kernel for 8-bit blocks is fast only with int8 activations (accuracy level 4)
             level = 4 if self.opts.lm_head_bits == 8 else None
             logits = self.linear(h, quantized_head(head, self.opts.lm_head_bits, head_bias), "lm_head", level)
@@ -467,12 +472,12 @@ def build_decoder(model_dir, store, opts: BuildOptions, trust_remote_code: bool 
     """The ONNX ModelProto of the model in `store` (our quantized weights where the store has codes)
     and what each linear became."""
     from kiln.arch import is_transposed
-    from kiln.model import build_skeleton, tied_aliases
+    from kiln.model import build_skeleton, stored_apart, tied_aliases
 
     skeleton = build_skeleton(model_dir, trust_remote_code)
     aliases = tied_aliases(skeleton)
     config = skeleton.config
-    has_head = not getattr(config, "tie_word_embeddings", False)
+    has_head = not getattr(config, "tie_word_embeddings", False) or stored_apart(store, aliases)
     spec = spec_from_config(config, has_head)
     transposed = any(is_transposed(m) for m in skeleton.modules())
     length = min(opts.max_length or spec.max_positions, spec.max_positions)

@@ -55,11 +55,11 @@ class QDQDecoderBuilder(DecoderBuilder):
         self._positions = None
 
     # weights: codes as signed int4/int8 (code − 2^(b−1)), (in, out), blocked along `in`
-    def load(self, module: str) -> LinearW:
+    def load(self, module: str, transposed: bool | None = None) -> LinearW:
         w_name = module + ".weight"
         info = self.store.quant_info(w_name)
         if info is None:
-            return super().load(module)
+            return super().load(module, transposed)
         q = self.store.quantized(w_name)
         problem = qdq_problem(module, q.bits, q.group_size, q.symmetric, info.get("activation_bits"))
         if problem:

@@ -197,8 +197,12 @@ def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str]
         emb = model.get_input_embeddings()
         release(model, next(n for n, m in model.named_modules() if m is emb))  # not needed again: free it
 
+    head_module = model.get_output_embeddings()
+    head = next((n for n, m in model.named_modules() if m is head_module), None) if head_module is not None else None
     by_layer: dict[int, list[str]] = {}
     for t in targets:
+        if t == head:
+            continue
         idx = int(t[len(layout.layers_path) + 1 :].split(".")[0])
         by_layer.setdefault(idx, []).append(t)
 
@@ -232,7 +236,79 @@ def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str]
                 out.files.append(f)
             release(model, lname)
             advance()
+    if head in targets:
+        _head_stage(model, layers, head, stage, inputs, store, aliases, sparse, out_dir, out)
     return out
+
+
+def _run_tail(model: nn.Module, layers: nn.ModuleList, inputs: LayerInputs, stop_at: nn.Module, before_batch) -> None:
+    """Run what follows the decoder layers (final norm, any projection) on the last layer's outputs,
+    stopping before `stop_at` runs: the model's own forward, with zeros for input embeddings and every
+    decoder layer replaced by one that hands on the recorded outputs."""
+    current: dict[str, torch.Tensor] = {}
+    last = len(layers) - 1
+
+    def passthrough(i: int):
+        def forward(*args, **kwargs):
+            return current["h"] if i == last else args[0]
+        return forward
+
+    def stop(module, args):
+        raise _Stop
+
+    for i, layer in enumerate(layers):
+        layer.forward = passthrough(i)
+    handle = stop_at.register_forward_pre_hook(stop)
+    try:
+        with torch.no_grad():
+            for h in inputs.hidden:
+                current["h"] = h
+                before_batch()
+                try:
+                    model(inputs_embeds=torch.zeros_like(h), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+        for layer in layers:
+            del layer.forward
+
+
+def _head_stage(model, layers, head: str, stage, inputs, store, aliases, sparse, out_dir: Path, out: StageOutput) -> None:
+    """The output projection, after the last layer: its H comes from the final norm's outputs on the
+    (already compressed) last layer's outputs. A head tied to the input embedding is written under its
+    own name; the embedding keeps the float weights (written too if the checkpoint kept only the
+    head's name)."""
+    materialize(model, head, store, aliases)
+    mod = model.get_submodule(head)
+    check_finite(mod, head)
+    hooks = None
+    if inputs is not None:
+        hooks = HessianHooks({head: mod}, {head: in_out_features(mod)[0]})
+        try:
+            _run_tail(model, layers, inputs, mod, hooks.next_batch)
+        finally:
+            hooks.remove()
+    t0 = time.perf_counter()
+    original = mod.weight.data.clone()
+    W = weight_matrix(mod).float()
+    keep = (W != 0) if head in sparse else None
+    try:
+        res = stage.process_weight(W, hooks.hessian(head) if hooks is not None else None, head, keep)
+    except HessianNotPositiveDefinite as exc:
+        raise CompressionError(str(exc), hint="add calibration samples, raise `damp`, or leave the head out") from None
+    set_weight_matrix(mod, res.weight)
+    quantized = {head + ".weight": (res.quantized, is_transposed(mod), stage.act_scheme)} if res.quantized is not None else {}
+    dense = {} if quantized else {head + ".weight": mod.weight.data}
+    emb = model.get_input_embeddings()
+    emb_weight = next(n for n, m in model.named_modules() if m is emb) + ".weight"
+    if emb_weight in aliases.get(head + ".weight", []) and emb_weight not in store:
+        dense[emb_weight] = original
+    f = out_dir / "head.safetensors"
+    save_overlay(f, dense, quantized)
+    out.files.append(f)
+    out.modules[head] = {"seconds": round(time.perf_counter() - t0, 4), **res.stats}
+    release(model, head)
 
 
 @contextmanager
