@@ -268,6 +268,29 @@ def test_lm_head_bits_quantizes_the_output_projection_and_halves_the_table(tiny_
     assert np.abs(out - ref).max() < 0.02 * (ref.max() - ref.min())
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_head_quantized_in_compress_exports_its_codes(arch, tiny_models, tmp_path):
+    """`targets: [lm_head]` in compress: every target's head is the stage's codes (MatMulNBits or
+    QDQ), held to the exact parity bar against kiln's PyTorch model with the same head; export-time
+    lm_head_bits on top of it is refused before any work."""
+    d = tiny_models(arch)
+    r = gptq_recipe(d, fmt="kiln", group_size=32, samples=4, seq_len=32)
+    r["compress"].append({"kind": "gptq", "targets": ["lm_head"],  # symmetric: TensorRT takes no zero points
+                          "scheme": {"bits": 4, "group_size": 32, "symmetric": True, "observer": "mse"}})
+    r["evaluate"] = {"perplexity": True}
+    r["compile"] = {"targets": [{"target": "cpu"}, {"target": "tensorrt"}]}
+    run_json("run", str(write_recipe(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "run"), "-q")
+    m = json.loads((tmp_path / "run" / "artifact" / "manifest.json").read_text())
+    cpu, trt = m["compile"]["targets"]["cpu"], m["compile"]["targets"]["tensorrt"]
+    assert cpu["linear_kinds"]["lm_head"] == "nbits" and trt["linear_kinds"]["lm_head"] == "qdq"
+    assert cpu["op_histogram"].get("Gemm", 0) == 0
+    assert cpu["parity"]["top1_agreement"] >= 0.995 and abs(cpu["parity"]["perplexity_rel"]) <= 0.005
+    assert cpu["parity"]["max_abs_logit"] < 1e-4  # float activations: the same dequantized head as PyTorch
+    r["compile"] = {"targets": [{"target": "cpu", "lm_head_bits": 8}]}
+    code, _, err = run_cli("validate", str(write_recipe(tmp_path / "r2.yaml", r)))
+    assert code == 3 and "lm_head_bits would quantize lm_head again" in err and "compress[1]" in err, err
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_float16_graph_runs_and_stays_close(arch, tiny_models, tmp_path):
     """The cuda target's float16 graph (activations, weights, KV cache in float16), run here on the

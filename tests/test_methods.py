@@ -141,6 +141,95 @@ def test_mixed_precision_overrides_resolve_to_module_names(tiny_models, tmp_path
     q = json.loads((tmp_path / "run" / "artifact" / "manifest.json").read_text())["quantized_modules"]
     assert q["model.layers.0.mlp.down_proj"]["bits"] == 8 and q["model.layers.1.mlp.down_proj"]["bits"] == 4
     assert all(m.startswith("model.layers.0.") for m in out["stages"][1]["modules"])
+    # read back with each module's own grid (transformers' compressed-tensors loader applies the first
+    # config group's scheme to every module, which misreads one of the two grids)
+    from kiln.artifact import load_model
+    from kiln.model import WeightStore, load_full
+
+    d = tiny_models("qwen2")
+    ours = load_full(d, WeightStore(d, sorted((tmp_path / "run" / "stages").glob("*/layer-*.safetensors"))))
+    loaded = load_model(tmp_path / "run" / "artifact")
+    for n in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        assert torch.allclose(loaded.get_parameter(n), ours.get_parameter(n), atol=1e-6), n
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_the_output_projection_is_quantized_only_when_named(arch, tiny_models, tmp_path):
+    """`*` never reaches the head; `targets: [lm_head]` quantizes it (here on its own grid, after the
+    layers). The tied embedding keeps its float weights, the artifact's config unties the two, and
+    the loaded artifact computes with exactly kiln's dequantized head."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from kiln.artifact import load_model
+    from kiln.compress.quant import dequantize
+
+    d = tiny_models(arch)
+    head_scheme = {"bits": 4, "group_size": 32, "symmetric": False, "observer": "mse"}
+    stages = [{"kind": "gptq", "scheme": W4}, {"kind": "gptq", "scheme": head_scheme, "targets": ["lm_head"]}]
+    r = method_recipe(d, stages, arch)
+    r["output"]["dtype"] = "float32"
+    out = run_json("run", str(write_recipe(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "run"), "--quiet")
+    assert "lm_head" not in out["stages"][0]["modules"] and out["stages"][1]["modules"] == ["lm_head"]
+    art = tmp_path / "run" / "artifact"
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["quantized_modules"]["lm_head"]["bits"] == 4 and not manifest["quantized_modules"]["lm_head"]["symmetric"]
+    assert json.loads((art / "config.json").read_text())["tie_word_embeddings"] is False
+    (head_file,) = (tmp_path / "run" / "stages").glob("01-gptq-*/head.safetensors")
+    with safe_open(head_file, "pt") as h:
+        ours = dequantize(h.get_tensor("lm_head.weight.qcodes"), h.get_tensor("lm_head.weight.qscale"),
+                          h.get_tensor("lm_head.weight.qzero"), 32)
+    source = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    loaded = load_model(art)
+    emb = loaded.get_input_embeddings().weight
+    assert loaded.lm_head.weight is not emb
+    assert torch.equal(emb, source.get_input_embeddings().weight)  # the embedding is not touched
+    assert torch.allclose(loaded.lm_head.weight, ours, atol=1e-6)
+    assert not torch.allclose(ours, emb, atol=1e-3)  # really quantized
+
+
+def test_head_hessian_comes_from_the_compressed_layers(tiny_models, tmp_path):
+    """The head's H is that of the final norm's outputs once every layer before it is compressed: the
+    same H as the model loaded from the layers' results gives, not the float model's."""
+    from kiln.compress.base import StageConfig, WeightResult
+    from kiln.compress.engine import run_layerwise
+    from kiln.compress.hessian import HessianAccumulator
+    from kiln.compress.quant import QuantScheme, rtn_quantize
+    from kiln.context import RunContext
+    from kiln.model import WeightStore, load_full
+
+    class Recorder(StageConfig):
+        kind: str = "recorder"
+        needs_calibration = True
+
+        def process_weight(self, W, H, name, keep=None):
+            SEEN[name] = H.clone()
+            q = rtn_quantize(W, QuantScheme(bits=3, group_size=16))
+            return WeightResult(q.dequantize(), q, {})
+
+    SEEN: dict = {}
+    d = tiny_models("llama")
+    layers = [f"model.layers.{i}.{m}" for i in range(2) for m in
+              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")]
+    calib = torch.randint(0, 512, (4, 40), generator=torch.Generator().manual_seed(3))
+    res = run_layerwise(d, WeightStore(d), Recorder(), layers + ["lm_head"], calib, tmp_path, RunContext(show_progress=False),
+                        batch_size=2)
+    layer_files = [f for f in res.files if f.name.startswith("layer-")]
+
+    def head_h(store):
+        model = load_full(d, store)
+        acc = HessianAccumulator(64)
+        handle = model.lm_head.register_forward_pre_hook(lambda m, a: acc.add(a[0].detach()))
+        with torch.no_grad():
+            for b in range(0, 4, 2):
+                model(input_ids=calib[b : b + 2])
+        handle.remove()
+        return acc.result()
+
+    compressed = head_h(WeightStore(d, layer_files))
+    assert torch.allclose(SEEN["lm_head"], compressed, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(SEEN["lm_head"], head_h(WeightStore(d)), rtol=1e-3)
 
 
 # --- bad input: each a validation error before any weight is read --------------------------------
@@ -194,6 +283,17 @@ def test_distillation_without_a_teacher(tiny_models, tmp_path):
     ([{"kind": "smoothquant"}, {"kind": "gptq", "scheme": W4, "activations": {"bits": 8}}], ["int8 activations need"]),
 ])
 def test_conflicting_combinations(tiny_models, tmp_path, stages, needles):
+    _fails(tmp_path, method_recipe(tiny_models("llama"), stages, "llama"), 3, *needles)
+
+
+@pytest.mark.parametrize("stages,needles", [
+    ([{"kind": "awq", "scheme": W4, "targets": ["lm_head"]}, {"kind": "rtn", "scheme": W4, "targets": ["lm_head"]}],
+     ["compress[0] (awq) cannot target lm_head"]),
+    ([{"kind": "gptq", "scheme": W8, "activations": {"bits": 8}, "targets": ["lm_head"]}],
+     ["int8 activations are not supported for the output projection lm_head"]),
+    ([{"kind": "gptq", "scheme": W4, "targets": ["lm_*"]}], ["pattern 'lm_*' matches no linear layer"]),
+])
+def test_what_a_stage_cannot_do_to_the_head(tiny_models, tmp_path, stages, needles):
     _fails(tmp_path, method_recipe(tiny_models("llama"), stages, "llama"), 3, *needles)
 
 

@@ -45,13 +45,20 @@ def test_gptq_end_to_end(arch, tiny_models, tmp_path):
     assert manifest["stages"][0]["modules"] == stage["modules"]
     assert set(manifest["files"]) >= {"config.json", "recipe.yaml", "tokenizer.json"}
 
-    # The artifact, loaded back by compressed-tensors (or kiln's reader), is the model we evaluated.
-    loaded = load_model(artifact)
+    # The artifact, loaded back by kiln's reader and (compressed-tensors format) by transformers with
+    # compressed-tensors, is the model we evaluated.
     ours = _compressed_reference(artifact, tmp_path / "run")
+    loaded = [load_model(artifact)]
+    if fmt == "compressed-tensors":
+        from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+        loaded.append(AutoModelForCausalLM.from_pretrained(artifact, quantization_config=CompressedTensorsConfig(
+            run_compressed=False), dtype=torch.float32).eval())
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        a, b = loaded(ids).logits, ours(ids).logits
-    assert (a - b).abs().max() < 1e-4 * max(1.0, float(b.abs().max()))
+    for model in loaded:
+        with torch.no_grad():
+            a, b = model(ids).logits, ours(ids).logits
+        assert (a - b).abs().max() < 1e-4 * max(1.0, float(b.abs().max()))
 
 
 def test_rerun_does_no_work_and_resume_after_kill(tiny_models, tmp_path):

@@ -63,7 +63,8 @@ def check_gptq_beats_rtn(out: dict, reference_ppl: float, max_size_ratio: float)
 
 
 def test_smollm2_gptq_w4_g64(tmp_path):
-    from kiln.artifact import load_model
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
     from kiln.model import WeightStore, load_full
 
     r = write_recipe(tmp_path / "r.yaml", recipe(SMOLLM2, group_size=64) | {"compile": CPU})
@@ -82,7 +83,8 @@ def test_smollm2_gptq_w4_g64(tmp_path):
     src = resolve_model(ModelConfig(source=SMOLLM2)).path
     stage_files = sorted((tmp_path / "run" / "stages").glob("*/layer-*.safetensors"))
     ours = load_full(src, WeightStore(src, stage_files, round_to=torch.float16))
-    loaded = load_model(artifact)
+    loaded = AutoModelForCausalLM.from_pretrained(artifact, quantization_config=CompressedTensorsConfig(run_compressed=False),
+                                                  dtype=torch.float32).eval()
     ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = loaded(ids).logits, ours(ids).logits

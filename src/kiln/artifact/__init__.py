@@ -181,23 +181,36 @@ def staging_dir(target: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
 
 
+def _ct_modules(cfg: dict, root: Path) -> dict[str, dict]:
+    """Each quantized module's grid from compressed-tensors' quantization_config (kiln writes exact
+    module names as targets), in the form kiln_quantization.json uses."""
+    out = {}
+    for group in (cfg.get("quantization_config") or {}).get("config_groups", {}).values():
+        w = group["weights"]
+        for t in group["targets"]:
+            out[t] = {"bits": w["num_bits"], "group_size": w.get("group_size") if w.get("strategy") == "group" else None,
+                      "symmetric": w["symmetric"], "transposed": False,
+                      "activation_bits": (group.get("input_activations") or {}).get("num_bits")}
+    return out
+
+
 def load_model(root: Path, verify_digests: bool = True):
-    """Load an artifact as a float PyTorch model (weights dequantized). Digests are checked first."""
+    """Load an artifact as a float PyTorch model (weights dequantized). Digests are checked first.
+
+    Both formats are unpacked here, each module with its own grid: transformers' compressed-tensors
+    loader (dequantize) decompresses every dense module with one config group's scheme, which is
+    wrong for a mixed-precision artifact (e.g. layers at 4 bits symmetric, the head asymmetric)."""
     from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
+
+    from kiln.compress.quant import dequantize
+    from kiln.model import build_skeleton, tied_aliases
 
     root = Path(root)
     manifest = verify(root) if verify_digests else json.loads((root / MANIFEST).read_text())
     if manifest.get("format") == OutputFormat.compressed_tensors.value:
-        from transformers import CompressedTensorsConfig
-
-        return AutoModelForCausalLM.from_pretrained(root, quantization_config=CompressedTensorsConfig(run_compressed=False),
-                                                    dtype=torch.float32).eval()
-    # kiln format: unpack our own tensors into a dense state dict
-    from kiln.compress.quant import dequantize
-    from kiln.model import build_skeleton, tied_aliases
-
-    info = json.loads((root / KILN_QUANT).read_text())["modules"] if (root / KILN_QUANT).exists() else {}
+        info = _ct_modules(json.loads((root / "config.json").read_text()), root)
+    else:
+        info = json.loads((root / KILN_QUANT).read_text())["modules"] if (root / KILN_QUANT).exists() else {}
     raw: dict[str, torch.Tensor] = {}
     for f in sorted(root.glob("*.safetensors")):
         with safe_open(f, "pt") as h:
@@ -217,6 +230,10 @@ def load_model(root: Path, verify_digests: bool = True):
         W = dequantize(codes, scale, zero, meta["group_size"])
         state[f"{m}.weight"] = W.T.contiguous() if meta["transposed"] else W
     model = build_skeleton(root)
+    modules = dict(model.named_modules())
+    if unknown := [m for m in info if m not in modules]:
+        raise ArtifactError(f"{root}: quantization targets {unknown[:3]} are not module names of this model; "
+                            "kiln reads the artifacts it wrote", hint="load other checkpoints with transformers")
     aliases = tied_aliases(model)
     missing = [n for n in dict(model.named_parameters()) if n not in state
                and not any(a in state for a in aliases.get(n, []))]
