@@ -3,7 +3,7 @@ machine, measured by one harness in child processes (one at a time, same thread 
 
     python bench/vs_genai.py [--recipe recipes/quickstart.yaml] [--kiln-out runs/quickstart]
         [--prompt-len 512] [--decode-tokens 64] [--batch 8] [--batch-prompt 128] [--windows 16]
-        [--threads 2] [--workdir /tmp/kiln-vs-genai]
+        [--threads 2] [--workdir /tmp/kiln-vs-genai] [--rounds 3]
 
   kiln   `kiln run RECIPE --out KILN_OUT` (resumes: an already finished run costs nothing) and takes
          the artifact's onnx/<target> folder (GPTQ codes in MatMulNBits).
@@ -15,7 +15,10 @@ Each graph is then loaded in its own child process (peak RSS = that child's VmHW
 with kiln.compile.runtime (ONNX Runtime, the same session options for both): perplexity on kiln's
 evaluation windows (full windows, no cache), prefill latency of a PROMPT_LEN-token prompt (median of
 3), decode ms/token at batch 1 (p50, p95 over DECODE_TOKENS steps), tokens/s at batch BATCH, file
-size. The memory-bandwidth bound of one decode step is the bytes of weights a step reads (every
+size. Speeds drift on a shared machine, so each graph is measured in ROUNDS child processes,
+alternating which graph goes first; the table gives the median of each speed over rounds (perplexity
+and peak RSS from the first round, which scores the windows) and one line the per-round ratios.
+The memory-bandwidth bound of one decode step is the bytes of weights a step reads (every
 initializer except tables read by Gather and the rotary tables) over a measured read bandwidth
 (numpy sum over 1 GiB, best of 5); the table prints each graph's measured step time as a fraction
 of that bound.
@@ -75,7 +78,7 @@ def step_weight_bytes(path: Path) -> dict:
 
 
 def measure(folder: Path, windows_npy: Path, prompt_len: int, decode_tokens: int, batch: int, batch_prompt: int,
-            threads: int) -> dict:
+            threads: int, score: bool = True) -> dict:
     import math
 
     from kiln.compile import window_nll
@@ -86,7 +89,7 @@ def measure(folder: Path, windows_npy: Path, prompt_len: int, decode_tokens: int
     dec = OnnxDecoder(folder / "model.onnx", threads=threads)
     load_s = time.perf_counter() - t0
     nll, count = 0.0, 0
-    for w in range(ids.shape[0]):
+    for w in range(ids.shape[0] if score else 0):
         w_nll, n = window_nll(dec.logits(ids[w : w + 1]), ids[w : w + 1], 1)
         nll += w_nll
         count += n
@@ -101,7 +104,7 @@ def measure(folder: Path, windows_npy: Path, prompt_len: int, decode_tokens: int
     bprompt = ids[:batch, :batch_prompt] if ids.shape[0] >= batch else np.repeat(ids[:1, :batch_prompt], batch, 0)
     gb = generate(dec, bprompt, 33)
     sizes = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
-    return {"load_s": load_s, "perplexity": math.exp(nll / count), "tokens_scored": count,
+    return {"load_s": load_s, "perplexity": math.exp(nll / count) if count else None, "tokens_scored": count,
             "prefill_ms": 1000 * statistics.median(prefill), "decode_ms_p50": 1000 * statistics.median(steps),
             "decode_ms_p95": 1000 * steps[min(len(steps) - 1, int(round(0.95 * (len(steps) - 1))))],
             "decode_tok_s_b1": len(steps) / sum(steps), "decode_tok_s_batch": batch * len(gb.step_s) / sum(gb.step_s),
@@ -144,6 +147,15 @@ def graph_facts(path: Path) -> dict:
             "quantized_lm_head": any("lm_head" in n.name for n in nb)}
 
 
+SPEED_KEYS = ("prefill_ms", "decode_ms_p50", "decode_ms_p95", "decode_tok_s_b1", "decode_tok_s_batch")
+
+
+def _ratios(rounds: dict[str, list[dict]], key: str, inverse: bool = False) -> str:
+    pairs = zip(rounds["kiln"], rounds["onnxruntime-genai"])
+    vals = [(g[key] / k[key]) if inverse else (k[key] / g[key]) for k, g in pairs]
+    return "[" + ", ".join(f"{v:.2f}" for v in vals) + "]"
+
+
 def fmt_row(name: str, r: dict) -> str:
     bound_ms = 1000 * r["step_bytes"] / (r["bandwidth_gbs"] * 1e9)
     return (f"| {name} | {r['perplexity']:.3f} | {r['prefill_ms']:.1f} | {r['decode_ms_p50']:.2f} | {r['decode_ms_p95']:.2f} "
@@ -163,12 +175,15 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/kiln-vs-genai"))
+    ap.add_argument("--rounds", type=int, default=3, help="speed measurements per graph, alternating the two graphs "
+                    "(kiln first in odd rounds, genai first in even ones); speeds are medians over rounds")
+    ap.add_argument("--no-score", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--windows-npy", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure, args.windows_npy, args.prompt_len, args.decode_tokens, args.batch,
-                                 args.batch_prompt, args.threads)))
+                                 args.batch_prompt, args.threads, not args.no_score)))
         return
 
     from kiln.recipe import load_recipe
@@ -209,15 +224,23 @@ def main() -> None:
     if g["rc"] != 0:
         sys.exit(f"onnxruntime-genai builder failed: {g['stderr'][-2000:]}")
 
-    for name, folder in (("kiln", kiln_dir), ("onnxruntime-genai", genai_dir)):
-        print(f"[{name}] measuring {folder}", file=sys.stderr)
-        r = run_timed([sys.executable, __file__, "--measure", str(folder), "--windows-npy", str(work / "windows.npy"),
-                       "--prompt-len", str(args.prompt_len), "--decode-tokens", str(args.decode_tokens),
-                       "--batch", str(args.batch), "--batch-prompt", str(args.batch_prompt), "--threads", str(args.threads)],
-                      env, work / "logs" / f"measure-{name}", None)
-        if r["rc"] != 0:
-            sys.exit(f"measuring {name} failed: {r['stderr'][-2000:]}")
-        res[name] = {**_stdout_json(r["stdout"]), "peak_rss_bytes": r["peak_rss_bytes"], **graph_facts(folder / "model.onnx")}
+    graphs = [("kiln", kiln_dir), ("onnxruntime-genai", genai_dir)]
+    rounds: dict[str, list[dict]] = {name: [] for name, _ in graphs}
+    for k in range(args.rounds):
+        for name, folder in (graphs if k % 2 == 0 else graphs[::-1]):
+            print(f"[{name}] measuring {folder} (round {k + 1}/{args.rounds})", file=sys.stderr)
+            r = run_timed([sys.executable, __file__, "--measure", str(folder), "--windows-npy", str(work / "windows.npy"),
+                           "--prompt-len", str(args.prompt_len), "--decode-tokens", str(args.decode_tokens),
+                           "--batch", str(args.batch), "--batch-prompt", str(args.batch_prompt),
+                           "--threads", str(args.threads)] + (["--no-score"] if k else []),
+                          env, work / "logs" / f"measure-{name}-{k}", None)
+            if r["rc"] != 0:
+                sys.exit(f"measuring {name} failed: {r['stderr'][-2000:]}")
+            rounds[name].append({**_stdout_json(r["stdout"]), "peak_rss_bytes": r["peak_rss_bytes"]})
+    for name, folder in graphs:
+        first = rounds[name][0]  # perplexity and peak RSS (the scoring pass holds the most) from round 1
+        speeds = {key: statistics.median(r[key] for r in rounds[name]) for key in SPEED_KEYS}
+        res[name] = {**first, **speeds, "rounds": rounds[name], **graph_facts(folder / "model.onnx")}
     res["kiln"]["build_s"] = compile_s
     res["onnxruntime-genai"]["build_s"] = g["wall_s"]
 
@@ -234,6 +257,9 @@ def main() -> None:
              f"{a['decode_tok_s_b1'] / b['decode_tok_s_b1']:.2f}×, tok/s b{args.batch} "
              f"{a['decode_tok_s_batch'] / b['decode_tok_s_batch']:.2f}×, ppl {a['perplexity'] / b['perplexity']:.3f}, "
              f"peak RSS {a['peak_rss_bytes'] / b['peak_rss_bytes']:.2f}, file {a['file_bytes'] / b['file_bytes']:.2f}",
+             f"per round (kiln/genai): prefill speed {_ratios(rounds, 'prefill_ms', True)}, decode tok/s b1 "
+             f"{_ratios(rounds, 'decode_tok_s_b1')}, tok/s b{args.batch} {_ratios(rounds, 'decode_tok_s_batch')}; "
+             f"the table's speeds are medians of {args.rounds} rounds",
              f"read bandwidth {a['bandwidth_gbs']:.1f} GB/s (numpy sum over 1 GiB, best of 5)",
              f"kiln graph: {a['matmulnbits']} MatMulNBits, {a['bits']}-bit blocks of {a['block_size']}, accuracy_level "
              f"{a['accuracy_level']}, lm_head quantized: {a['quantized_lm_head']}; compile {a['build_s'] or float('nan'):.1f} s "

@@ -61,10 +61,18 @@ def build_target(target, model_dir: Path, store, out: Path, trust_remote_code: b
     for k in kinds.values():
         counts[k] = counts.get(k, 0) + 1
     return {"target": target.target, "dtype": target.dtype, "accuracy_level": target.accuracy_level,
-            "lm_head": f"RTN int{target.lm_head_bits}, symmetric groups of 32, quantized at export" if target.lm_head_bits
-            else "as stored",
+            "lm_head": _head_note(target, store, spec),
             "provider": target.provider, "family": spec.family, "context_length": length,
             "op_histogram": histogram, "linears": counts, "linear_kinds": kinds, **extra}
+
+
+def _head_note(target, store, spec) -> str:
+    info = store.quant_info(spec.lm_head + ".weight") if spec.lm_head else None
+    if info is not None:
+        return f"int{info['bits']} codes from compress (group {info['group_size']}, {'symmetric' if info['symmetric'] else 'asymmetric'})"
+    if getattr(target, "lm_head_bits", None):
+        return f"RTN int{target.lm_head_bits}, symmetric groups of 32, quantized at export"
+    return "float, as stored"
 
 
 def optimized_histogram(path: Path, provider: str) -> dict[str, int]:
