@@ -239,38 +239,6 @@ def test_smoothquant_config():
             SmoothQuantConfig(kind="smoothquant", alpha=bad)
 
 
-def test_group_w8a8_error_is_what_the_int8_runtime_computes():
-    """The α search's objective equals the output error of kiln's W8A8 runtime (int8 per-token inputs,
-    the 8-bit per-channel weight grid, exact int32 accumulation) on the smoothed group."""
-    from kiln.compress.smoothquant import w8a8_error as group_error
-    from kiln.compress.w8a8 import W8A8Linear
-
-    X, Ws = outlier_problem()
-    s = smooth_scales(X.abs().amax(0), Ws, 0.6)
-    ref = 0.0
-    for W in Ws:
-        q = rtn_quantize(W * s, QuantScheme(bits=8, group_size=None, symmetric=True))
-        with torch.no_grad():
-            ref += float((X @ W.T - W8A8Linear.from_quantized(q.codes, q.scale, None)(X / s)).pow(2).sum())
-    assert group_error(X, Ws, s) == pytest.approx(ref, rel=1e-3)
-
-
-def test_alpha_search_keeps_the_grid_value_with_the_lowest_error():
-    from kiln.compress.smoothquant import search_alpha, w8a8_error as group_error
-
-    X, Ws = outlier_problem()
-    grid = [0.0, 0.25, 0.5, 0.75, 1.0]
-    alpha, s, errors = search_alpha(X, Ws, grid)
-    assert set(errors) == set(grid) and errors[alpha] == min(errors.values())
-    assert torch.equal(s, smooth_scales(X.abs().amax(0), Ws, alpha))
-    assert errors[alpha] < errors[0.0] and errors[alpha] < errors[1.0]  # both ends are worse on outliers
-    assert errors[0.5] == pytest.approx(group_error(X, Ws, smooth_scales(X.abs().amax(0), Ws, 0.5)))
-    with pytest.raises(ValidationError, match="alpha_grid"):
-        SmoothQuantConfig(kind="smoothquant", alpha_grid=[0.5, 1.2])
-    assert SmoothQuantConfig(kind="smoothquant", alpha_grid=[0.5]).max_tokens == 4096
-    assert SmoothQuantConfig(kind="smoothquant").max_tokens is None
-
-
 # ---------------------------------------------------------------- AWQ
 
 def awq_output_error(X, W, s, scheme):

@@ -10,16 +10,11 @@ range into the weights, α = 0 none of it (the weights' ranges are moved into th
 instead); 0.5 is the paper's default, larger α for models with stronger outliers. diag(s)⁻¹ is folded
 into the preceding norm/linear and diag(s) into the weights (kiln.compress.smoothing.fold_scales),
 so the smoothed model is the same float function, ready for W8A8.
-
-One α rarely suits every group of a model: `alpha_grid` searches it per group, keeping the α whose
-W8A8 product (per-token int8 X diag(s)⁻¹, per-channel int8 W diag(s)) is closest to the float
-product on calibration rows — the per-layer auto-tuning Intel Neural Compressor offers for the same
-method, here with the group's own output error as the objective.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -50,37 +45,9 @@ def smooth_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: 
     return s.clamp(S_MIN, S_MAX).float()
 
 
-def _fake_int8_per_channel(W: torch.Tensor) -> torch.Tensor:
-    """W (out, in) on a symmetric per-output-channel int8 grid (±127), dequantized."""
-    scale = (W.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
-    return torch.round(W / scale).clamp(-127, 127) * scale
-
-
-def w8a8_error(X: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor) -> float:
-    """Σ_k ‖X W_kᵀ − Q_tok(X diag(s)⁻¹) Q_ch(W_k diag(s))ᵀ‖², the group's output error under W8A8
-    after smoothing by s. X: (tokens, in) calibration rows; weights: (out_k, in)."""
-    from kiln.compress.w8a8 import quantize_per_token
-
-    xq, xs = quantize_per_token(X / s)
-    xd = xq.float() * xs
-    return sum(float((X @ W.T - xd @ _fake_int8_per_channel(W * s).T).pow(2).sum()) for W in weights)
-
-
-def search_alpha(X: torch.Tensor, weights: list[torch.Tensor], grid: list[float]) -> tuple[float, torch.Tensor, dict]:
-    """The α of `grid` (and its s) whose smoothed W8A8 group output is closest to the float one."""
-    absmax = X.abs().amax(dim=0)
-    errors = {a: w8a8_error(X, weights, smooth_scales(absmax, weights, a)) for a in grid}
-    best = min(errors, key=errors.get)
-    return best, smooth_scales(absmax, weights, best), errors
-
-
 class SmoothQuantConfig(StageConfig):
     kind: Literal["smoothquant"] = "smoothquant"
     alpha: float = 0.5
-    alpha_grid: list[float] | None = Field(None, min_length=1, description="search α per group over these values, "
-                                           "keeping the one whose W8A8 group output is closest to the float output "
-                                           "on calibration rows; `alpha` is then unused")
-    search_tokens: int = Field(4096, ge=64, description="calibration rows (evenly thinned) the α search uses")
     groups: Literal["norm", "all"] = Field(
         "all", description="'norm': smooth the inputs of norm-fed groups only (q/k/v, gate/up: the paper's "
         "choice); 'all': also those of linear-fed ones (down_proj through up_proj, o_proj through v_proj where "
@@ -88,18 +55,12 @@ class SmoothQuantConfig(StageConfig):
 
     needs_calibration = True
     role = "smoothing"
-
-    @property
-    def max_tokens(self) -> int | None:
-        """None: smooth() gets only max |x| per channel over every calibration token; with a search,
-        the rows themselves (at most search_tokens of them)."""
-        return None if self.alpha_grid is None else self.search_tokens
+    max_tokens: ClassVar[int | None] = None  # smooth() gets only max |x| per channel, over every calibration token
 
     def smooth(self, prev: nn.Module, prev_name: str, linears: dict[str, nn.Module], X: torch.Tensor, names: set[str]) -> dict | None:
         """Migrate activation outliers of a group's input into its weights; the producer (a norm, or
         with groups='all' also a linear: up_proj for down_proj, v_proj for o_proj) absorbs 1/s.
-        X is (1, in): max |x| per input channel over the calibration set (max_tokens = None), or with
-        `alpha_grid` the calibration rows (tokens, in)."""
+        X is (1, in): max |x| per input channel over the calibration set (max_tokens = None)."""
         from kiln.arch import weight_matrix
         from kiln.compress.smoothing import fold_kind, fold_scales
 
@@ -107,27 +68,14 @@ class SmoothQuantConfig(StageConfig):
         if kind == "linear" and self.groups == "norm":
             return None
         mods = list(linears.values())
-        weights = [weight_matrix(m).float() for m in mods]
         absmax = X.abs().amax(dim=0)
-        stats = {}
-        if self.alpha_grid is None:
-            s = smooth_scales(absmax, weights, self.alpha)
-        else:
-            alpha, s, errors = search_alpha(X.float(), weights, self.alpha_grid)
-            stats = {"alpha": alpha, "w8a8_error": {str(a): e for a, e in errors.items()}}
+        s = smooth_scales(absmax, [weight_matrix(m).float() for m in mods], self.alpha)
         fold_scales(prev, mods, s, kind)
-        return {"act_absmax_before": float(absmax.max()), "act_absmax_after": float((absmax / s).max()), **stats}
+        return {"act_absmax_before": float(absmax.max()), "act_absmax_after": float((absmax / s).max())}
 
     @field_validator("alpha")
     @classmethod
     def _alpha_in_unit_interval(cls, v: float) -> float:
         if not 0.0 <= v <= 1.0:  # also rejects NaN
             raise ValueError(f"alpha is the migration strength and must lie in [0, 1], got {v}")
-        return v
-
-    @field_validator("alpha_grid")
-    @classmethod
-    def _grid_in_unit_interval(cls, v: list[float] | None) -> list[float] | None:
-        if v is not None and not all(0.0 <= a <= 1.0 for a in v):
-            raise ValueError(f"every alpha_grid value is a migration strength and must lie in [0, 1], got {v}")
         return v
