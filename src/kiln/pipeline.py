@@ -64,7 +64,8 @@ def _resolve_targets(stage, linears: list[str], where: str, head: str | None = N
         hits = [n for n in linears if fnmatch.fnmatchcase(n, pattern) and (n != head or pattern == head)]
         if not hits:
             raise RecipeError(f"{where}.targets: pattern {pattern!r} matches no linear layer",
-                              hint=f"names look like {linears[0]!r}; use shell-style globs such as '*.mlp.*'")
+                              hint=f"names look like {linears[0]!r}; use shell-style globs such as '*.mlp.*'"
+                              + (f"; the output projection is matched only by its exact name {head!r}" if head else ""))
         chosen += [h for h in hits if h not in chosen]
     for pattern in stage.ignore:
         chosen = [n for n in chosen if not fnmatch.fnmatchcase(n, pattern)]

@@ -181,7 +181,7 @@ def staging_dir(target: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
 
 
-def _ct_modules(cfg: dict, root: Path) -> dict[str, dict]:
+def _ct_modules(cfg: dict) -> dict[str, dict]:
     """Each quantized module's grid from compressed-tensors' quantization_config (kiln writes exact
     module names as targets), in the form kiln_quantization.json uses."""
     out = {}
@@ -208,7 +208,7 @@ def load_model(root: Path, verify_digests: bool = True):
     root = Path(root)
     manifest = verify(root) if verify_digests else json.loads((root / MANIFEST).read_text())
     if manifest.get("format") == OutputFormat.compressed_tensors.value:
-        info = _ct_modules(json.loads((root / "config.json").read_text()), root)
+        info = _ct_modules(json.loads((root / "config.json").read_text()))
     else:
         info = json.loads((root / KILN_QUANT).read_text())["modules"] if (root / KILN_QUANT).exists() else {}
     raw: dict[str, torch.Tensor] = {}
