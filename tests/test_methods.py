@@ -188,6 +188,31 @@ def test_the_output_projection_is_quantized_only_when_named(arch, tiny_models, t
     assert not torch.allclose(ours, emb, atol=1e-3)  # really quantized
 
 
+def test_a_checkpoint_that_kept_only_the_head_name_keeps_its_embedding(tiny_models, tmp_path):
+    """Tied checkpoints store one name, and some writers keep the head's: quantizing the head must then
+    also write the float table under the embedding's name, or the embedding would read the codes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from kiln.compress.rtn import RTNConfig
+    from kiln.compress.engine import run_layerwise
+    from kiln.context import RunContext
+    from kiln.model import WeightStore, load_full
+
+    src = tiny_models("llama")
+    d = tmp_path / "head-named"
+    shutil.copytree(src, d)
+    state = load_file(d / "model.safetensors")
+    table = state.pop("model.embed_tokens.weight")
+    save_file({**state, "lm_head.weight": table}, d / "model.safetensors", metadata={"format": "pt"})
+    stage = RTNConfig(scheme={"bits": 4, "group_size": 32, "symmetric": True}, targets=["lm_head"])
+    res = run_layerwise(d, WeightStore(d), stage, ["lm_head"], None, tmp_path, RunContext(show_progress=False))
+    model = load_full(d, WeightStore(d, res.files))
+    assert torch.equal(model.get_input_embeddings().weight, table)
+    assert not torch.equal(model.lm_head.weight, table) and (model.lm_head.weight - table).abs().max() < 0.1
+
+
 def test_head_hessian_comes_from_the_compressed_layers(tiny_models, tmp_path):
     """The head's H is that of the final norm's outputs once every layer before it is compressed: the
     same H as the model loaded from the layers' results gives, not the float model's."""

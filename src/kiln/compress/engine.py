@@ -290,7 +290,10 @@ def _head_stage(model, layers, head: str, stage, inputs, store, aliases, sparse,
         finally:
             hooks.remove()
     t0 = time.perf_counter()
-    original = mod.weight.data.clone()
+    emb = model.get_input_embeddings()
+    emb_weight = next(n for n, m in model.named_modules() if m is emb) + ".weight"
+    keep_embedding = emb_weight in aliases.get(head + ".weight", []) and emb_weight not in store
+    original = mod.weight.data.clone() if keep_embedding else None
     W = weight_matrix(mod).float()
     keep = (W != 0) if head in sparse else None
     try:
@@ -300,9 +303,7 @@ def _head_stage(model, layers, head: str, stage, inputs, store, aliases, sparse,
     set_weight_matrix(mod, res.weight)
     quantized = {head + ".weight": (res.quantized, is_transposed(mod), stage.act_scheme)} if res.quantized is not None else {}
     dense = {} if quantized else {head + ".weight": mod.weight.data}
-    emb = model.get_input_embeddings()
-    emb_weight = next(n for n, m in model.named_modules() if m is emb) + ".weight"
-    if emb_weight in aliases.get(head + ".weight", []) and emb_weight not in store:
+    if keep_embedding:
         dense[emb_weight] = original
     f = out_dir / "head.safetensors"
     save_overlay(f, dense, quantized)
