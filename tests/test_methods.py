@@ -188,6 +188,22 @@ def test_the_output_projection_is_quantized_only_when_named(arch, tiny_models, t
     assert not torch.allclose(ours, emb, atol=1e-3)  # really quantized
 
 
+def test_distill_trains_the_scales_of_a_quantized_head_it_names(tiny_models, tmp_path):
+    from safetensors import safe_open
+
+    stages = [{"kind": "gptq", "scheme": W4, "targets": ["*", "lm_head"]},
+              {"kind": "distill", "teacher": "original", "steps": 4, "batch_size": 2, "lr": 1e-3, "scale_lr": 1e-3,
+               "targets": ["*", "lm_head"]}]
+    r = method_recipe(tiny_models("llama"), stages, "llama", samples=4, seq_len=32)
+    out = run_json("run", str(write_recipe(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "run"), "--quiet")
+    assert "lm_head" in out["stages"][1]["modules"]
+    (before,) = (tmp_path / "run" / "stages").glob("00-gptq-*/head.safetensors")
+    (after,) = (tmp_path / "run" / "stages").glob("01-distill-*/distill.safetensors")
+    with safe_open(before, "pt") as a, safe_open(after, "pt") as b:
+        assert torch.equal(a.get_tensor("lm_head.weight.qcodes"), b.get_tensor("lm_head.weight.qcodes"))
+        assert not torch.equal(a.get_tensor("lm_head.weight.qscale"), b.get_tensor("lm_head.weight.qscale"))
+
+
 def test_a_checkpoint_that_kept_only_the_head_name_keeps_its_embedding(tiny_models, tmp_path):
     """Tied checkpoints store one name, and some writers keep the head's: quantizing the head must then
     also write the float table under the embedding's name, or the embedding would read the codes."""
