@@ -107,6 +107,11 @@ def infer_norm_groups(layer: nn.Module, prefix: str, model_type: str, trace) -> 
     return groups
 
 
+def module_name(model: nn.Module, module: nn.Module | None) -> str | None:
+    """The dotted name of `module` inside `model` (None for None or a module it does not hold)."""
+    return None if module is None else next((n for n, m in model.named_modules() if m is module), None)
+
+
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear, or transformers' Conv1D (GPT-2), whose weight is stored transposed (in, out)."""
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"

@@ -124,13 +124,12 @@ def _shape_problems(stage, targets: list[str], linears: dict[str, dict]) -> list
 def make_plan(recipe: Recipe, model: ResolvedModel) -> Plan:
     """Everything that can be checked without touching weights: targets resolved to module names,
     every grid checked against the output format, sequence lengths against the model."""
-    from kiln.arch import decoder_layout, in_out_features, is_linear, is_transposed
+    from kiln.arch import decoder_layout, in_out_features, is_linear, is_transposed, module_name
     from kiln.model import build_skeleton, tied_aliases
 
     skeleton = build_skeleton(model.path, recipe.model.trust_remote_code)
     layout = decoder_layout(skeleton)
-    head_module = skeleton.get_output_embeddings()
-    head = next((n for n, m in skeleton.named_modules() if m is head_module), None) if head_module is not None else None
+    head = module_name(skeleton, skeleton.get_output_embeddings())
     linears = {}
     for name, mod in skeleton.named_modules():
         if (name.startswith(layout.layers_path + ".") or name == head) and is_linear(mod):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kiln.arch import decoder_layout, in_out_features, is_transposed, weight_matrix, set_weight_matrix
+from kiln.arch import decoder_layout, in_out_features, is_transposed, module_name, set_weight_matrix, weight_matrix
 from kiln.compress.gptq import HessianNotPositiveDefinite
 from kiln.compress.hessian import HessianHooks
 from kiln.context import RunContext
@@ -195,10 +195,9 @@ def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str]
         check_finite(model.get_input_embeddings(), "embeddings")
         inputs = capture_layer_inputs(model, layers, calib, batch_size)
         emb = model.get_input_embeddings()
-        release(model, next(n for n, m in model.named_modules() if m is emb))  # not needed again: free it
+        release(model, module_name(model, emb))  # not needed again: free it
 
-    head_module = model.get_output_embeddings()
-    head = next((n for n, m in model.named_modules() if m is head_module), None) if head_module is not None else None
+    head = module_name(model, model.get_output_embeddings())
     by_layer: dict[int, list[str]] = {}
     for t in targets:
         if t == head:
@@ -289,26 +288,17 @@ def _head_stage(model, layers, head: str, stage, inputs, store, aliases, sparse,
             _run_tail(model, layers, inputs, mod, hooks.next_batch)
         finally:
             hooks.remove()
-    t0 = time.perf_counter()
-    emb = model.get_input_embeddings()
-    emb_weight = next(n for n, m in model.named_modules() if m is emb) + ".weight"
+    emb_weight = module_name(model, model.get_input_embeddings()) + ".weight"
     keep_embedding = emb_weight in aliases.get(head + ".weight", []) and emb_weight not in store
     original = mod.weight.data.clone() if keep_embedding else None
-    W = weight_matrix(mod).float()
-    keep = (W != 0) if head in sparse else None
-    try:
-        res = stage.process_weight(W, hooks.hessian(head) if hooks is not None else None, head, keep)
-    except HessianNotPositiveDefinite as exc:
-        raise CompressionError(str(exc), hint="add calibration samples, raise `damp`, or leave the head out") from None
-    set_weight_matrix(mod, res.weight)
-    quantized = {head + ".weight": (res.quantized, is_transposed(mod), stage.act_scheme)} if res.quantized is not None else {}
+    quantized: dict[str, tuple] = {}
+    _rewrite_linear(mod, head, hooks.hessian(head) if hooks is not None else None, stage, sparse, quantized, out)
     dense = {} if quantized else {head + ".weight": mod.weight.data}
     if keep_embedding:
         dense[emb_weight] = original
     f = out_dir / "head.safetensors"
     save_overlay(f, dense, quantized)
     out.files.append(f)
-    out.modules[head] = {"seconds": round(time.perf_counter() - t0, 4), **res.stats}
     release(model, head)
 
 
@@ -354,19 +344,23 @@ def _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out
             finally:
                 hooks.remove()
         for n_ in step:
-            mod = mods[n_]
-            t0 = time.perf_counter()
-            H = hooks.hessian(n_) if hooks is not None else None
-            W = weight_matrix(mod).float()
-            keep = (W != 0) if n_ in sparse else None
-            try:
-                res = stage.process_weight(W, H, n_, keep)
-            except HessianNotPositiveDefinite as exc:
-                raise CompressionError(str(exc), hint="add calibration samples, raise `damp`, or ignore this layer") from None
-            set_weight_matrix(mod, res.weight)
-            if res.quantized is not None:
-                quantized[n_ + ".weight"] = (res.quantized, is_transposed(mod), stage.act_scheme)
-            out.modules[n_] = {"seconds": round(time.perf_counter() - t0, 4), **res.stats}
+            _rewrite_linear(mods[n_], n_, hooks.hessian(n_) if hooks is not None else None, stage, sparse, quantized, out)
+
+
+def _rewrite_linear(mod: nn.Module, name: str, H, stage, sparse, quantized: dict, out: StageOutput) -> None:
+    """Let a "weights" stage rewrite one linear in place; its codes (if any) go to `quantized`, its
+    statistics to `out`."""
+    t0 = time.perf_counter()
+    W = weight_matrix(mod).float()
+    keep = (W != 0) if name in sparse else None
+    try:
+        res = stage.process_weight(W, H, name, keep)
+    except HessianNotPositiveDefinite as exc:
+        raise CompressionError(str(exc), hint="add calibration samples, raise `damp`, or ignore this layer") from None
+    set_weight_matrix(mod, res.weight)
+    if res.quantized is not None:
+        quantized[name + ".weight"] = (res.quantized, is_transposed(mod), stage.act_scheme)
+    out.modules[name] = {"seconds": round(time.perf_counter() - t0, 4), **res.stats}
 
 
 def _smoothing_stage(model, layout, layer, i, names: set[str], stage, inputs, out) -> None:
