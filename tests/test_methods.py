@@ -346,12 +346,13 @@ def test_true_sequential_hessians_come_from_quantized_inputs(arch, tiny_models):
     from transformers import AutoModelForCausalLM
 
     from kiln.arch import decoder_layout, is_linear
-    from kiln.compress.base import WeightResult
+    from kiln.compress.base import StageConfig, WeightResult
     from kiln.compress.engine import StageOutput, _weights_stage, capture_layer_inputs
     from kiln.compress.quant import QuantScheme, rtn_quantize
 
     class Recorder:
         sequential, act_scheme, seen = True, None, {}
+        process_weights = StageConfig.process_weights
 
         def process_weight(self, W, H, name, keep=None):
             self.seen[name] = H.clone()
@@ -377,6 +378,57 @@ def test_true_sequential_hessians_come_from_quantized_inputs(arch, tiny_models):
     # the later steps really saw quantized inputs: their float-model H differs
     last = [n for n in names if any(k in n for k in ("down_proj", "fc2", "c_proj"))]
     assert last and not torch.allclose(float_h[last[-1]], quant_h[last[-1]], rtol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("w8a8", [False, True], ids=["w4a16", "w8a8"])
+def test_replayed_passes_give_what_full_passes_give(arch, w8a8):
+    """The sequential passes replay a finished attention/MLP from its last linear's saved inputs
+    instead of running it again; the rewritten weights and the propagated activations must be the
+    very numbers that full passes give (W8A8 linears running as int8 in both)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+    from kiln.arch import decoder_layout, is_linear
+    from kiln.compress.engine import LayerInputs, StageOutput, _probe, _weights_stage, capture_layer_inputs
+    from kiln.compress.gptq import GPTQConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    layout = decoder_layout(model)
+    layers = model.get_submodule(layout.layers_path)
+    prefix = layout.layer_name(0)
+    names = [f"{prefix}.{n}" for n, m in layers[0].named_modules() if is_linear(m)]
+    inputs = capture_layer_inputs(model, layers, torch.randint(0, 512, (4, 48)), batch_size=2)
+    steps, tails = _probe(layers[0], prefix, {n: model.get_submodule(n) for n in names}, inputs, 0)
+    rel = lambda n: n[len(prefix) + 1 :]  # noqa: E731
+    assert [[rel(n).rsplit(".", 1)[-1] for n in step] for step in steps] == {
+        "gpt2": [["c_attn"], ["c_proj"], ["c_fc"], ["c_proj"]],
+        "opt": [["q_proj", "k_proj", "v_proj"], ["out_proj"], ["fc1"], ["fc2"]],
+    }.get(arch, [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]])
+    assert {rel(n): t.path for n, t in tails.items()} == {
+        "gpt2": {"attn.c_proj": "attn", "mlp.c_proj": "mlp"},
+        "opt": {"self_attn.out_proj": "self_attn"},  # fc2 is the layer's own child, not inside an MLP
+    }.get(arch, {"self_attn.o_proj": "self_attn", "mlp.down_proj": "mlp"})
+
+    stage = GPTQConfig(scheme={"bits": 8 if w8a8 else 4, "group_size": None if w8a8 else 16},
+                       activations={"bits": 8} if w8a8 else None)
+    results = []
+    for replay in (False, True):
+        m = copy.deepcopy(model)
+        run = LayerInputs([h.clone() for h in inputs.hidden], inputs.extras)
+        q: dict = {}
+        _weights_stage(m, m.get_submodule(layout.layers_path)[0], 0, names, stage, run, frozenset(), q, StageOutput(),
+                       propagate=True, replay=replay)
+        results.append((run.hidden, {k: v for k, v in m.state_dict().items() if k.startswith(prefix)}, q))
+    (h_full, w_full, q_full), (h_replay, w_replay, q_replay) = results
+    assert all(torch.equal(a, b) for a, b in zip(h_full, h_replay))
+    assert not torch.equal(h_replay[0], inputs.hidden[0])  # they were propagated
+    assert w_full.keys() == w_replay.keys() and all(torch.equal(w_full[k], w_replay[k]) for k in w_full)
+    assert q_full.keys() == q_replay.keys() and len(q_full) == len(names)
+    assert all(torch.equal(q_full[k][0].codes, q_replay[k][0].codes) for k in q_full)
 
 
 def _hessians(layer, mods, inputs):

@@ -153,13 +153,33 @@ def test_shared_inputs_share_one_hessian():
     torch.manual_seed(0)
     q, k, down = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4), torch.nn.Linear(4, 8)
     hooks = HessianHooks({"q": q, "k": k, "down": down}, {"q": 8, "k": 8, "down": 4})
+    xs = []
     for _ in range(3):
         hooks.next_batch()
-        x = torch.randn(5, 8)
-        q(x), k(x), down(torch.randn(5, 4))
+        xs.append(torch.randn(5, 8))
+        q(xs[-1]), k(xs[-1]), down(torch.randn(5, 4))
     hooks.remove()
-    assert hooks.owner["k"] == "q" and hooks.hessian("k") is hooks.hessian("q")
+    assert hooks.owner["k"] == "q" and hooks.acc.keys() == {"q", "down"}
+    X = torch.cat(xs).double()
+    assert torch.allclose(hooks.hessian("k").double(), 2 * X.T @ X / 15, rtol=1e-5, atol=1e-6)
+    assert torch.equal(hooks.hessian("k"), hooks.hessian("q"))
     assert hooks.hessian("down").shape == (4, 4)
+
+
+@pytest.mark.parametrize("width", [8, 130, 300])
+def test_hessian_from_its_upper_blocks_is_the_full_product(width):
+    """Only H's block upper triangle is accumulated (blocks of 128 inputs); the result must be the
+    whole symmetric 2/n Σ x xᵀ for widths below, at and past a block."""
+    from kiln.compress.hessian import HessianAccumulator
+
+    torch.manual_seed(0)
+    acc, xs = HessianAccumulator(width), [torch.randn(37, width) * torch.rand(width) * 4 for _ in range(3)]
+    for x in xs:
+        acc.add(x)
+    X = torch.cat(xs).double()
+    H = acc.result()
+    assert torch.equal(H, H.T)
+    assert torch.allclose(H.double(), 2 * X.T @ X / X.shape[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -172,3 +192,24 @@ def test_mse_observer_lowers_rounding_error(symmetric):
     err = lambda s: float((W - rtn_quantize(W, s).dequantize()).pow(2).sum())
     assert err(mse) < 0.9 * err(base)
     assert mse.label().endswith("-mse") and not base.label().endswith("-mse")
+
+
+@pytest.mark.parametrize("act_order,group_size", [(True, 16), (False, 16), (True, None)])
+def test_gptq_on_linears_sharing_h_is_gptq_on_each(act_order, group_size):
+    """q/k/v (and gate/up) share H, so GPTQ runs them as one stacked matrix; each linear's codes,
+    grid and loss must be those it gets on its own."""
+    from kiln.compress.gptq import GPTQConfig
+
+    torch.manual_seed(0)
+    X = torch.randn(256, 64) * torch.rand(64) * 3
+    H = 2 * X.T @ X / 256
+    Ws = [torch.randn(rows, 64) for rows in (32, 16, 16)]
+    cfg = GPTQConfig(scheme={"bits": 4, "group_size": group_size}, act_order=act_order, block_size=32)
+    joint = cfg.process_weights(Ws, H, ["q", "k", "v"], [None, None, None])
+    for W, name, j in zip(Ws, ["q", "k", "v"], joint):
+        alone = cfg.process_weight(W, H, name)
+        agree = (j.quantized.codes == alone.quantized.codes).float().mean()
+        assert agree >= 0.999, name
+        assert torch.allclose(j.quantized.scale, alone.quantized.scale)
+        assert j.stats["loss"] == pytest.approx(alone.stats["loss"], rel=1e-3)
+        assert set(j.stats) == {"loss", "damp"}

@@ -57,6 +57,12 @@ class StageConfig(BaseModel):
     def sparsifies(self) -> bool:
         return False
 
+    def process_weights(self, Ws: "list[torch.Tensor]", H: "torch.Tensor", names: list[str],
+                        keeps: "list[torch.Tensor | None]") -> "list[WeightResult]":
+        """Linears that read the very same input (q/k/v, gate/up), hence share H. One by one here;
+        a method whose rows are independent given H may do them in one go."""
+        return [self.process_weight(W, H, n, k) for W, n, k in zip(Ws, names, keeps)]
+
 
 @dataclass
 class WeightResult:

@@ -13,8 +13,9 @@ Peak memory is one layer's weights plus the calibration activations, whatever th
 
 from __future__ import annotations
 
+import math
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,16 @@ class _Stop(Exception):
 class LayerInputs:
     hidden: list[torch.Tensor]  # one (B, L, d) tensor per calibration batch
     extras: list[list[tuple[tuple, dict]]]  # [layer][batch] → (args after hidden, kwargs)
+
+
+def _slab(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    """Zeroless float32 tensors of these shapes, views into one allocation. What the engine keeps
+    across passes (activations, saved inputs) lives in slabs: malloc maps a large block on its own
+    and gives it back whole, where per-batch blocks kept between each pass's freed temporaries
+    fragment the heap (on SmolLM2 that held hundreds of MiB)."""
+    sizes = [math.prod(s) for s in shapes]
+    flat = torch.empty(sum(sizes))
+    return [v.view(s) for v, s in zip(flat.split(sizes), shapes)]
 
 
 @dataclass
@@ -83,13 +94,18 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.T
     finally:
         for layer in layers:
             del layer.forward
-    return LayerInputs(hidden, extras)
+    kept = _slab([h.shape for h in hidden])
+    for dst, src in zip(kept, hidden):
+        dst.copy_(src)
+    return LayerInputs(kept, extras)
 
 
-def _run_layer(layer: nn.Module, inputs: LayerInputs, i: int, before_batch=None, stop_at: nn.Module | None = None) -> list[torch.Tensor]:
+def _run_layer(layer: nn.Module, inputs: LayerInputs, i: int, before_batch=None, stop_at: nn.Module | None = None,
+               in_place: bool = False) -> list[torch.Tensor]:
     """The layer's outputs for every calibration batch; with `stop_at`, each batch's forward ends
     when that module is about to run (pre-hooks registered earlier have seen its input) and nothing
-    is returned."""
+    is returned. `before_batch(b)` runs before batch b; `in_place` puts each output in place of its
+    input as soon as it is computed (one set of activations alive instead of two)."""
     out = []
     handle = None
     if stop_at is not None:
@@ -98,34 +114,59 @@ def _run_layer(layer: nn.Module, inputs: LayerInputs, i: int, before_batch=None,
         handle = stop_at.register_forward_pre_hook(stop)
     try:
         with torch.no_grad():
-            for h, (args, kwargs) in zip(inputs.hidden, inputs.extras[i]):
+            for b, (h, (args, kwargs)) in enumerate(zip(inputs.hidden, inputs.extras[i])):
                 if before_batch is not None:
-                    before_batch()
+                    before_batch(b)
                 try:
                     y = layer(h, *args, **kwargs)
                 except _Stop:
                     continue
-                out.append(y[0] if isinstance(y, tuple) else y)
+                y = y[0] if isinstance(y, tuple) else y
+                if in_place and h.shape == y.shape:
+                    y = h.copy_(y)  # batch b's inputs are not read again
+                elif in_place:
+                    inputs.hidden[b] = y
+                out.append(y)
     finally:
         if handle is not None:
             handle.remove()
     return out
 
 
-def _forward_order(layer: nn.Module, mods: dict[str, nn.Module], inputs: LayerInputs, i: int) -> list[list[str]]:
-    """Group `mods` into steps: linears fed the very same tensor form one step, steps in the order the
-    forward reaches them (q/k/v, o, gate/up, down). Probed on the first calibration batch."""
-    order: list[str] = []
-    feeds: dict[str, tuple] = {}
+@dataclass
+class _Tail:
+    """A submodule of the layer (attention, MLP) whose output is the output of its last linear, alone
+    (`arity` None) or first in a tuple of Nones: once that linear is final, later passes replay the
+    submodule as that linear applied to the inputs it saw, instead of running everything in it again."""
+    path: str  # the submodule, relative to the layer
+    arity: int | None
 
-    def hook(name):
+
+def _probe(layer: nn.Module, prefix: str, mods: dict[str, nn.Module], inputs: LayerInputs, i: int) -> tuple[list[list[str]], dict[str, _Tail]]:
+    """One run on the first calibration batch. Groups `mods` into steps: linears fed the very same
+    tensor form one step, steps in the order the forward reaches them (q/k/v, o, gate/up, down).
+    Finds, for a step of one linear, the outermost submodule that returns exactly that linear's output
+    tensor (the attention for o_proj, the MLP for down_proj) and holds no linear of a later step."""
+    order: list[str] = []
+    feeds: dict[str, torch.Tensor] = {}  # held, so that no later tensor can take a freed one's address
+    outputs: dict[str, object] = {}
+    calls: dict[str, int] = {}
+
+    def pre(name):
         def fn(module, args):
             if name not in feeds:
                 order.append(name)
-                feeds[name] = (args[0].data_ptr(), tuple(args[0].shape))
+                feeds[name] = args[0]
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in mods.items()]
+    def post(path):
+        def fn(module, args, output):
+            calls[path] = calls.get(path, 0) + 1
+            outputs[path] = output
+        return fn
+
+    handles = [m.register_forward_pre_hook(pre(n)) for n, m in mods.items()]
+    handles += [m.register_forward_hook(post(p)) for p, m in layer.named_modules() if p]
     try:
         one = LayerInputs(inputs.hidden[:1], [[] for _ in inputs.extras])
         one.extras[i] = inputs.extras[i][:1]
@@ -135,11 +176,83 @@ def _forward_order(layer: nn.Module, mods: dict[str, nn.Module], inputs: LayerIn
             h.remove()
     steps: list[list[str]] = []
     for n in order:
-        if steps and feeds[steps[-1][0]] == feeds[n]:
+        a, b = feeds[steps[-1][0]] if steps else None, feeds[n]
+        if a is not None and a.data_ptr() == b.data_ptr() and a.shape == b.shape:
             steps[-1].append(n)
         else:
             steps.append([n])
-    return steps + [[n] for n in mods if n not in feeds]  # never reached (should not happen): last
+    step_of = {n: k for k, step in enumerate(steps) for n in step}
+
+    tails: dict[str, _Tail] = {}
+    for k, step in enumerate(steps):
+        rel = step[0][len(prefix) + 1 :]
+        if len(step) != 1 or calls.get(rel) != 1:
+            continue
+        parts = rel.split(".")
+        for d in range(1, len(parts)):
+            path = ".".join(parts[:d])
+            out, y = outputs.get(path), outputs[rel]
+            arity = None if out is y else (len(out) if isinstance(out, tuple) and out and out[0] is y
+                                           and all(o is None for o in out[1:]) else -1)
+            inside = [n for n in mods if n.startswith(f"{prefix}.{path}.")]
+            if calls.get(path) == 1 and arity != -1 and all(step_of.get(n, len(steps)) <= k for n in inside):
+                tails[step[0]] = _Tail(path, arity)
+                break
+    return steps + [[n] for n in mods if n not in feeds], tails  # never reached (should not happen): last
+
+
+class _Replays:
+    """The submodules of one layer being replayed (see _Tail), and which calibration batch runs."""
+
+    def __init__(self, layer: nn.Module, model: nn.Module, hidden: list[torch.Tensor]):
+        self.layer, self.model, self.hidden, self.batch = layer, model, hidden, 0
+        self.saved: dict[str, list[torch.Tensor]] = {}  # linear → its input per batch (output once memoized)
+        self.done: dict[str, set[int]] = {}
+        self.patched: list[nn.Module] = []
+
+    def record(self, linear: str, module: nn.Module):
+        """A pre-hook keeping what enters `linear` in every batch of the pass that stops before it
+        (in a slab, when it has the activations' leading shape, as it has in every family we know)."""
+        saved = self.saved[linear] = []
+        self.done[linear] = set()
+
+        def keep(module, args):
+            x, b = args[0].detach(), self.batch
+            if not saved:
+                saved.extend(_slab([(*h.shape[:-1], x.shape[-1]) for h in self.hidden])
+                             if x.shape[:-1] == self.hidden[b].shape[:-1] else [None] * len(self.hidden))
+            if saved[b] is not None and saved[b].shape == x.shape:
+                saved[b].copy_(x)
+            else:
+                saved[b] = x
+        return module.register_forward_pre_hook(keep)
+
+    def replay(self, linear: str, tail: _Tail) -> None:
+        """From now on, `tail` returns `linear` (as it is now, W8A8 form included) of the saved inputs:
+        computed once per batch and kept in place of them where the shapes agree (o_proj), computed
+        per call otherwise (down_proj, whose output only the last pass needs)."""
+        sub = self.layer.get_submodule(tail.path)
+        saved, done = self.saved[linear], self.done[linear]
+
+        def forward(*args, **kwargs):
+            b = self.batch
+            if b in done:
+                y = saved[b].clone()  # the layer may update what it gets in place
+            else:
+                y = self.model.get_submodule(linear)(saved[b])
+                if y.shape == saved[b].shape:
+                    saved[b].copy_(y)
+                    done.add(b)
+            return y if tail.arity is None else (y,) + (None,) * (tail.arity - 1)
+
+        sub.forward = forward
+        self.patched.append(sub)
+
+    def close(self) -> None:
+        for sub in self.patched:
+            del sub.forward
+        self.patched.clear()
+        self.saved.clear()
 
 
 def _collect_inputs(layer: nn.Module, module: nn.Module, inputs: LayerInputs, i: int, max_tokens: int) -> torch.Tensor:
@@ -205,6 +318,7 @@ def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str]
         idx = int(t[len(layout.layers_path) + 1 :].split(".")[0])
         by_layer.setdefault(idx, []).append(t)
 
+    probes: dict = {}
     with ctx.progress(f"{stage.kind}: layers", layout.num_layers) as advance:
         for i in range(layout.num_layers):
             names = by_layer.get(i, [])
@@ -218,12 +332,13 @@ def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str]
             before = {k: v.clone() for k, v in layer.state_dict().items()}
             quantized: dict[str, tuple] = {}
             if names and stage.role == "weights":
-                _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out)
-            elif names and stage.role == "smoothing":
-                _smoothing_stage(model, layout, layer, i, set(names), stage, inputs, out)
+                _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out, propagate=True, probes=probes)
+            else:
+                if names and stage.role == "smoothing":
+                    _smoothing_stage(model, layout, layer, i, set(names), stage, inputs, out)
+                if inputs is not None:
+                    _run_layer(layer, inputs, i, in_place=True)
             if inputs is not None:
-                with _int8_inputs(model, quantized):
-                    inputs.hidden = _run_layer(layer, inputs, i)
                 if not all(torch.isfinite(h).all() for h in inputs.hidden):
                     raise CompressionError(f"{lname}: its outputs became NaN/inf after {stage.kind}",
                                            hint="check the source weights; try more damping or fewer bits")
@@ -292,7 +407,7 @@ def _head_stage(model, layers, head: str, stage, inputs, store, aliases, sparse,
     keep_embedding = emb_weight in aliases.get(head + ".weight", []) and emb_weight not in store
     original = mod.weight.data.clone() if keep_embedding else None
     quantized: dict[str, tuple] = {}
-    _rewrite_linear(mod, head, hooks.hessian(head) if hooks is not None else None, stage, sparse, quantized, out)
+    _rewrite_linears([mod], [head], hooks.hessian(head) if hooks is not None else None, stage, sparse, quantized, out)
     dense = {} if quantized else {head + ".weight": mod.weight.data}
     if keep_embedding:
         dense[emb_weight] = original
@@ -319,48 +434,90 @@ def _int8_inputs(model: nn.Module, quantized: dict[str, tuple]):
             setattr(model.get_submodule(parent), leaf, old)
 
 
-def _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out) -> None:
+def _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out, propagate: bool = False,
+                   probes: dict | None = None, replay: bool = True) -> None:
+    """Rewrite the layer's `names` linears; with calibration inputs and `sequential`, in steps (see
+    _probe), each step's H taken from inputs through the steps already rewritten. W8A8 linears run as
+    int8 from the moment they are rewritten, as at inference. With `propagate`, the calibration
+    activations become the rewritten layer's outputs.
+
+    Each pass stops before the step it calibrates, and a submodule whose last linear is final is
+    replayed from that linear's saved inputs (_Tail), so a layer costs about one plain forward over
+    the calibration set plus the Hessians (`replay=False` runs every pass in full: the same numbers,
+    slower). `probes` caches _probe's answer per layer structure."""
     mods = {n_: model.get_submodule(n_) for n_ in names}
-    if inputs is None:
-        steps = [names]
-    elif getattr(stage, "sequential", False):
-        steps = _forward_order(layer, mods, inputs, i)
-    else:
-        steps = [names]
-    for step in steps:
-        hooks = None
-        if inputs is not None:
-            if len(steps) > 1:
-                # a step's linears read one tensor (see _forward_order): hook the first, stop before it runs
-                hooks = HessianHooks({step[0]: mods[step[0]]}, {step[0]: in_out_features(mods[step[0]])[0]})
-                for n_ in step[1:]:
-                    hooks.share(n_, step[0])
-                stop = mods[step[0]]
-            else:
-                hooks = HessianHooks({n_: mods[n_] for n_ in step}, {n_: in_out_features(mods[n_])[0] for n_ in step})
-                stop = None
-            try:
-                _run_layer(layer, inputs, i, before_batch=hooks.next_batch, stop_at=stop)
-            finally:
-                hooks.remove()
-        for n_ in step:
-            _rewrite_linear(mods[n_], n_, hooks.hessian(n_) if hooks is not None else None, stage, sparse, quantized, out)
+    steps, tails = [names], {}
+    if inputs is not None and getattr(stage, "sequential", False):
+        prefix = module_name(model, layer)
+        key = (type(layer).__name__, tuple(n_[len(prefix):] for n_ in names))
+        if probes is None or key not in probes:
+            found = _probe(layer, prefix, mods, inputs, i)
+            if probes is not None:
+                probes[key] = ([[n_[len(prefix):] for n_ in st] for st in found[0]], {n_[len(prefix):]: t for n_, t in found[1].items()})
+            steps, tails = found
+        else:
+            rel_steps, rel_tails = probes[key]
+            steps = [[prefix + r for r in st] for st in rel_steps]
+            tails = {prefix + r: t for r, t in rel_tails.items()}
+        if not replay:
+            tails = {}
+    replays = _Replays(layer, model, inputs.hidden if inputs is not None else [])
+    with ExitStack() as int8:
+        try:
+            for step in steps:
+                hooks = None
+                if inputs is not None:
+                    if len(steps) > 1:
+                        # a step's linears read one tensor (see _probe): hook the first, stop before it runs
+                        hooks = HessianHooks({step[0]: mods[step[0]]}, {step[0]: in_out_features(mods[step[0]])[0]})
+                        for n_ in step[1:]:
+                            hooks.share(n_, step[0])
+                        stop = mods[step[0]]
+                    else:
+                        hooks = HessianHooks({n_: mods[n_] for n_ in step}, {n_: in_out_features(mods[n_])[0] for n_ in step})
+                        stop = None
+                    record = replays.record(step[0], mods[step[0]]) if step[0] in tails else None
+
+                    def before(b, hooks=hooks):
+                        replays.batch = b
+                        hooks.next_batch()
+                    try:
+                        _run_layer(layer, inputs, i, before_batch=before, stop_at=stop)
+                    finally:
+                        hooks.remove()
+                        if record is not None:
+                            record.remove()
+                rewritten = len(quantized)
+                if hooks is not None and len(steps) > 1:  # the step's linears share one H
+                    _rewrite_linears([mods[n_] for n_ in step], step, hooks.hessian(step[0]), stage, sparse, quantized, out)
+                else:
+                    for n_ in step:
+                        _rewrite_linears([mods[n_]], [n_], hooks.hessian(n_) if hooks is not None else None, stage, sparse, quantized, out)
+                int8.enter_context(_int8_inputs(model, dict(list(quantized.items())[rewritten:])))
+                if step[0] in tails:
+                    replays.replay(step[0], tails[step[0]])
+            if propagate and inputs is not None:
+                _run_layer(layer, inputs, i, before_batch=lambda b: setattr(replays, "batch", b), in_place=True)
+        finally:
+            replays.close()
 
 
-def _rewrite_linear(mod: nn.Module, name: str, H, stage, sparse, quantized: dict, out: StageOutput) -> None:
-    """Let a "weights" stage rewrite one linear in place; its codes (if any) go to `quantized`, its
-    statistics to `out`."""
+def _rewrite_linears(mods: list[nn.Module], names: list[str], H, stage, sparse, quantized: dict, out: StageOutput) -> None:
+    """Let a "weights" stage rewrite linears that share H (one, or a step's q/k/v) in place; their
+    codes (if any) go to `quantized`, their statistics to `out`."""
     t0 = time.perf_counter()
-    W = weight_matrix(mod).float()
-    keep = (W != 0) if name in sparse else None
+    Ws = [weight_matrix(m).float() for m in mods]
+    keeps = [(W != 0) if n in sparse else None for W, n in zip(Ws, names)]
     try:
-        res = stage.process_weight(W, H, name, keep)
+        results = stage.process_weights(Ws, H, names, keeps)
     except HessianNotPositiveDefinite as exc:
         raise CompressionError(str(exc), hint="add calibration samples, raise `damp`, or ignore this layer") from None
-    set_weight_matrix(mod, res.weight)
-    if res.quantized is not None:
-        quantized[name + ".weight"] = (res.quantized, is_transposed(mod), stage.act_scheme)
-    out.modules[name] = {"seconds": round(time.perf_counter() - t0, 4), **res.stats}
+    seconds = round((time.perf_counter() - t0) / len(mods), 4)  # a joint call's time, shared out
+    for mod, name, res in zip(mods, names, results):
+        set_weight_matrix(mod, res.weight)
+        if res.quantized is not None:
+            quantized[name + ".weight"] = (res.quantized, is_transposed(mod), stage.act_scheme)
+        out.modules[name] = {"seconds": seconds, **res.stats}
 
 
 def _smoothing_stage(model, layout, layer, i, names: set[str], stage, inputs, out) -> None:

@@ -45,7 +45,25 @@ class GPTQConfig(StageConfig):
 
     def process_weight(self, W: torch.Tensor, H: torch.Tensor, name: str, keep: torch.Tensor | None = None) -> WeightResult:
         q, stats = gptq_quantize(W, H, self.scheme, self.block_size, self.damp, self.act_order, name=name, keep=keep)
-        return WeightResult(q.dequantize(), q, stats)
+        return WeightResult(q.dequantize(), q, {"loss": stats["loss"], "damp": stats["damp"]})
+
+    def process_weights(self, Ws, H, names, keeps) -> list[WeightResult]:
+        """GPTQ's rows are independent given H (each row's updates use only its own errors), so
+        linears sharing H are quantized as one stacked matrix: one Cholesky factor and one column
+        loop instead of one per linear."""
+        if len(Ws) == 1:
+            return [self.process_weight(Ws[0], H, names[0], keeps[0])]
+        rows = [W.shape[0] for W in Ws]
+        keep = None if all(k is None for k in keeps) else torch.cat([torch.ones_like(W, dtype=torch.bool) if k is None else k
+                                                                     for W, k in zip(Ws, keeps)])
+        q, stats = gptq_quantize(torch.cat(Ws), H, self.scheme, self.block_size, self.damp, self.act_order,
+                                 name=" + ".join(names), keep=keep)
+        out = []
+        row_loss = torch.tensor(stats["row_loss"], dtype=torch.float64)
+        for codes, scale, zero, loss in zip(q.codes.split(rows), q.scale.split(rows), q.zero.split(rows), row_loss.split(rows)):
+            qi = QuantizedWeight(codes, scale, zero, q.bits, q.group_size, q.symmetric)
+            out.append(WeightResult(qi.dequantize(), qi, {"loss": float(loss.sum()), "damp": stats["damp"]}))
+        return out
 
 
 class HessianNotPositiveDefinite(RuntimeError):
@@ -115,7 +133,8 @@ def gptq_quantize(
     keep: torch.Tensor | None = None,
 ) -> tuple[QuantizedWeight, dict]:
     """Quantize W (out, in) given H (in, in). Returns codes on `scheme`'s grid and stats
-    (`loss`: Σ (w - q)² / [H⁻¹]_ii / 2, the paper's objective; `damp`: damping used).
+    (`loss`: Σ (w - q)² / [H⁻¹]_ii / 2, the paper's objective, `row_loss` its sum per row; `damp`:
+    damping used).
 
     `keep` (bool, out × in) marks the weights an earlier pruning stage kept: the others are fixed to
     the code that dequantizes to exactly 0 (the zero point is integral), and the drift the updates gave
@@ -151,7 +170,7 @@ def gptq_quantize(
     inv = torch.argsort(perm)
     codes = codes[:, inv]
     qw = QuantizedWeight(codes.to(torch.uint8), scale_g, zero_g.to(torch.uint8), scheme.bits, scheme.group_size, scheme.symmetric)
-    return qw, {"loss": float(losses.sum()), "damp": damp_used}
+    return qw, {"loss": float(losses.sum()), "damp": damp_used, "row_loss": losses.tolist()}
 
 
 @single_threaded

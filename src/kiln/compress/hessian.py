@@ -8,11 +8,16 @@ from torch import nn
 
 class HessianAccumulator:
     """Running mean of 2·x xᵀ over every token row seen (fp32, rescaled as n grows so the sum
-    never holds a large un-normalised total)."""
+    never holds a large un-normalised total).
 
-    def __init__(self, in_features: int):
+    H is symmetric: only its block upper triangle is accumulated (rows of `block` inputs against the
+    inputs from the block's own start on), which takes (1 + block/in)/2 of the full product's
+    arithmetic; `result` mirrors it."""
+
+    def __init__(self, in_features: int, block: int = 128):
         self.H = torch.zeros(in_features, in_features)
         self.n = 0
+        self.block = block
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
@@ -20,10 +25,12 @@ class HessianAccumulator:
         self.H *= self.n / (self.n + t)
         self.n += t
         x = x * (2.0 / self.n) ** 0.5
-        self.H.addmm_(x.T, x)
+        for i in range(0, x.shape[1], self.block):
+            self.H[i : i + self.block, i:].addmm_(x[:, i : i + self.block].T, x[:, i:])
 
     def result(self) -> torch.Tensor:
-        return self.H
+        lower = torch.ones_like(self.H, dtype=torch.bool).tril_(-1)
+        return torch.where(lower, self.H.T, self.H)
 
 
 class HessianHooks:
@@ -35,6 +42,7 @@ class HessianHooks:
         self.acc: dict[str, HessianAccumulator] = {}
         self.owner: dict[str, str] = {}  # module → module whose accumulator holds its H
         self._seen: dict[tuple, str] = {}
+        self._held: list[torch.Tensor] = []  # this batch's inputs: a freed one's address must not be taken for it
         self._handles = [m.register_forward_pre_hook(self._hook(n, in_features[n])) for n, m in modules.items()]
 
     def share(self, name: str, owner: str) -> None:
@@ -56,11 +64,13 @@ class HessianHooks:
             else:
                 self.owner[name] = name
             self._seen[key] = name
+            self._held.append(x)
             self.acc.setdefault(name, HessianAccumulator(in_features)).add(x.detach())
         return fn
 
     def next_batch(self) -> None:
         self._seen.clear()
+        self._held.clear()
 
     def hessian(self, name: str) -> torch.Tensor:
         return self.acc[self.owner[name]].result()
