@@ -13,6 +13,8 @@ Peak memory is one layer's weights plus the calibration activations, whatever th
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import time
 from contextlib import ExitStack, contextmanager
@@ -48,6 +50,24 @@ def _slab(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
     sizes = [math.prod(s) for s in shapes]
     flat = torch.empty(sum(sizes))
     return [v.view(s) for v, s in zip(flat.split(sizes), shapes)]
+
+
+def _trim_heap() -> None:
+    """Give the allocator's free pages back to the OS (glibc's malloc_trim, which also releases
+    free pages inside the heap): the passes' per-batch temporaries are freed between live blocks, so
+    without it a layer's freed memory stays counted in RSS. A no-op where there is no glibc."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
 
 
 @dataclass
@@ -349,6 +369,7 @@ def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str]
                 save_overlay(f, dense, quantized)
                 out.files.append(f)
             release(model, lname)
+            _trim_heap()
             advance()
     if head in targets:
         _head_stage(model, layers, head, stage, inputs, store, aliases, sparse, out_dir, out)
