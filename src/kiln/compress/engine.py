@@ -8,7 +8,8 @@
    rewrite the weights, run the activations through the rewritten layer (they become the next
    layer's inputs), write the layer's new tensors to the stage folder, free the layer.
 
-Peak memory is one layer's weights plus the calibration activations, whatever the model size.
+Peak memory is one layer's weights plus the calibration activations (and, while a layer runs, the
+inputs its replayed submodules saved: see _Tail), whatever the model size.
 """
 
 from __future__ import annotations
