@@ -274,6 +274,7 @@ class _Replays:
             del sub.forward
         self.patched.clear()
         self.saved.clear()
+        self.done.clear()
 
 
 def _collect_inputs(layer: nn.Module, module: nn.Module, inputs: LayerInputs, i: int, max_tokens: int) -> torch.Tensor:
@@ -472,15 +473,14 @@ def _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out
     if inputs is not None and getattr(stage, "sequential", False):
         prefix = module_name(model, layer)
         key = (type(layer).__name__, tuple(n_[len(prefix):] for n_ in names))
-        if probes is None or key not in probes:
-            found = _probe(layer, prefix, mods, inputs, i)
-            if probes is not None:
-                probes[key] = ([[n_[len(prefix):] for n_ in st] for st in found[0]], {n_[len(prefix):]: t for n_, t in found[1].items()})
-            steps, tails = found
-        else:
-            rel_steps, rel_tails = probes[key]
-            steps = [[prefix + r for r in st] for st in rel_steps]
-            tails = {prefix + r: t for r, t in rel_tails.items()}
+        probes = {} if probes is None else probes
+        if key not in probes:  # kept relative to the layer, so that the next layer can use them
+            found_steps, found_tails = _probe(layer, prefix, mods, inputs, i)
+            probes[key] = ([[n_[len(prefix):] for n_ in st] for st in found_steps],
+                           {n_[len(prefix):]: t for n_, t in found_tails.items()})
+        rel_steps, rel_tails = probes[key]
+        steps = [[prefix + r for r in st] for st in rel_steps]
+        tails = {prefix + r: t for r, t in rel_tails.items()}
         if not replay:
             tails = {}
     replays = _Replays(layer, model, inputs.hidden if inputs is not None else [])

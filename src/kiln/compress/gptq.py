@@ -59,8 +59,7 @@ class GPTQConfig(StageConfig):
         q, stats = gptq_quantize(torch.cat(Ws), H, self.scheme, self.block_size, self.damp, self.act_order,
                                  name=" + ".join(names), keep=keep)
         out = []
-        row_loss = torch.tensor(stats["row_loss"], dtype=torch.float64)
-        for codes, scale, zero, loss in zip(q.codes.split(rows), q.scale.split(rows), q.zero.split(rows), row_loss.split(rows)):
+        for codes, scale, zero, loss in zip(q.codes.split(rows), q.scale.split(rows), q.zero.split(rows), stats["row_loss"].split(rows)):
             qi = QuantizedWeight(codes, scale, zero, q.bits, q.group_size, q.symmetric)
             out.append(WeightResult(qi.dequantize(), qi, {"loss": float(loss.sum()), "damp": stats["damp"]}))
         return out
@@ -170,7 +169,7 @@ def gptq_quantize(
     inv = torch.argsort(perm)
     codes = codes[:, inv]
     qw = QuantizedWeight(codes.to(torch.uint8), scale_g, zero_g.to(torch.uint8), scheme.bits, scheme.group_size, scheme.symmetric)
-    return qw, {"loss": float(losses.sum()), "damp": damp_used, "row_loss": losses.tolist()}
+    return qw, {"loss": float(losses.sum()), "damp": damp_used, "row_loss": losses}
 
 
 @single_threaded
