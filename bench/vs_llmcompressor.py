@@ -6,7 +6,7 @@ SmolLM2-135M (hidden 576 = 9 × 64) and 128 on Gemma-3-270M (hidden 640 = 5 × 1
 environment, with llm-compressor installed in its own (its pins conflict with ours):
 
     python bench/vs_llmcompressor.py [--model smollm2|gemma3] [--methods gptq_w4a16,awq_w4a16,...]
-        [--samples 64] [--seq-len 512] [--windows 16] [--workdir /tmp/kiln-vs-llmc]
+        [--samples 64] [--seq-len 512] [--windows 16] [--workdir /tmp/kiln-vs-llmc] [--kiln-sq-alpha 0.5]
         [--llmc-python /work/venv-llmc/bin/python]
 
 Per method:
@@ -60,7 +60,7 @@ LABELS = {"gptq_w4a16": "GPTQ W4A16", "awq_w4a16": "AWQ W4A16", "sq_gptq_w8a8": 
           "sparsegpt_50": "SparseGPT 50%", "sparsegpt_24": "SparseGPT 2:4"}
 
 
-def kiln_stages(method: str, g: int) -> list[dict]:
+def kiln_stages(method: str, g: int, sq_alpha: float = SMOOTHING_STRENGTH) -> list[dict]:
     if method == "gptq_w4a16":
         return [{"kind": "gptq", "scheme": {"bits": 4, "group_size": g, "symmetric": True, "symmetric_range": "full"}, "act_order": True,
                  "block_size": 128, "damp": 0.01}]
@@ -68,7 +68,7 @@ def kiln_stages(method: str, g: int) -> list[dict]:
         return [{"kind": "awq", "scheme": {"bits": 4, "group_size": g, "symmetric": False}},
                 {"kind": "rtn", "scheme": {"bits": 4, "group_size": g, "symmetric": False}}]
     if method == "sq_gptq_w8a8":
-        return [{"kind": "smoothquant", "alpha": SMOOTHING_STRENGTH},
+        return [{"kind": "smoothquant", "alpha": sq_alpha},
                 {"kind": "gptq", "scheme": {"bits": 8, "group_size": None, "symmetric": True, "symmetric_range": "full"},
                  "activations": {"bits": 8}, "act_order": True}]
     if method == "sparsegpt_50":
@@ -383,7 +383,7 @@ def run_kiln(method: str, args, model_source, g: int, prep: dict, env: dict) -> 
         "name": f"vs-llmc-{args.model}-{method}",
         "model": {"source": model_source},
         "data": {"calibration": c, "evaluation": [{**EVALUATION, "windows": args.windows, "seq_len": args.eval_seq_len}]},
-        "compress": kiln_stages(method, g),
+        "compress": kiln_stages(method, g, args.kiln_sq_alpha),
         "evaluate": {"perplexity": True, "reference_rtn": False},
         "output": {"format": "compressed-tensors", "dtype": "float16"},
     }
@@ -574,9 +574,12 @@ def footnotes(args, prep: dict, g: int, results: dict) -> list[str]:
         "Perplexity: kiln's figure is its own report (artifact weights as stored: fp16 scales and dense weights, "
         "fp32 compute); llm-compressor's output is loaded with CompressedTensorsConfig(run_compressed=False) "
         "(= dequantize=True in this transformers) in fp32: its stored weights, dequantized.",
-        f"SmoothQuant smoothing strength α = {SMOOTHING_STRENGTH} for both tools (llm-compressor "
-        f"SmoothQuantModifier(smoothing_strength={SMOOTHING_STRENGTH}), kiln smoothquant alpha {SMOOTHING_STRENGTH}). "
-        "GPTQ: actorder static / act_order, block 128, dampening 0.01 for both; symmetric grids are compressed-tensors' max|w| / (2^(b-1) - 1/2) in both (kiln: symmetric_range full).",
+        (f"SmoothQuant smoothing strength α = {SMOOTHING_STRENGTH} for both tools (llm-compressor "
+         f"SmoothQuantModifier(smoothing_strength={SMOOTHING_STRENGTH}), kiln smoothquant alpha {SMOOTHING_STRENGTH}). "
+         if args.kiln_sq_alpha == SMOOTHING_STRENGTH else
+         f"SmoothQuant smoothing strength: llm-compressor α = {SMOOTHING_STRENGTH}, kiln alpha {args.kiln_sq_alpha} "
+         "(--kiln-sq-alpha). ")
+        + "GPTQ: actorder static / act_order, block 128, dampening 0.01 for both; symmetric grids are compressed-tensors' max|w| / (2^(b-1) - 1/2) in both (kiln: symmetric_range full).",
         "† W8A8 activations: kiln evaluates with real dynamic per-token int8 activations (int8 GEMM). "
         "transformers' run_compressed=False / dequantize=True load only dequantizes the weights; "
         + ("the bench adds compressed-tensors' own dynamic per-token int8 fake quantization of each linear's "
@@ -680,6 +683,8 @@ def main() -> None:
     ap.add_argument("--llmc-python", default="/work/venv-llmc/bin/python")
     ap.add_argument("--tools", default="kiln,llmcompressor", help="run only these sides (kiln, llmcompressor)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kiln-sq-alpha", type=float, default=SMOOTHING_STRENGTH,
+                    help=f"kiln's SmoothQuant alpha (llm-compressor keeps {SMOOTHING_STRENGTH})")
     ap.add_argument("--kiln-timing", choices=("compress", "whole"), default="compress",
                     help="time kiln's compress-only run (default, the same work as llm-compressor's child) "
                          "or its whole run including perplexity evaluation")
