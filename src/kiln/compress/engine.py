@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import math
 import time
 from contextlib import ExitStack, contextmanager
@@ -53,22 +54,24 @@ def _slab(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
     return [v.view(s) for v, s in zip(flat.split(sizes), shapes)]
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def _trim_heap() -> None:
     """Give the allocator's free pages back to the OS (glibc's malloc_trim, which also releases
     free pages inside the heap): the passes' per-batch temporaries are freed between live blocks, so
     without it a layer's freed memory stays counted in RSS. A no-op where there is no glibc."""
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
-
-
-_libc = None
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @dataclass
