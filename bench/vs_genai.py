@@ -9,12 +9,18 @@ machine, measured by one harness in child processes (one at a time, same thread 
          the artifact's onnx/<target> folder (GPTQ codes in MatMulNBits).
   genai  `python -m onnxruntime_genai.models.builder -i HF_FP32 -o OUT -p int4 -e cpu` on the same
          fp32 weights kiln started from (its RTN int4, default options), HF folder written from kiln's
-         model cache as ../shared/PEERS.md describes.
+         model cache as ../shared/PEERS.md describes. The ratios are against this graph.
+  genai prune_lm_head
+         the same with `--extra_options prune_lm_head=true` (unless --no-genai-pruned): its output
+         projection runs on the last position only, as kiln's graph does by default. It cannot score
+         perplexity (its logits are the last position's), so it has no ppl and its peak RSS is that
+         of the speed measurements alone.
 
 Each graph is then loaded in its own child process (peak RSS = that child's VmHWM) and measured
 with kiln.compile.runtime (ONNX Runtime, the same session options for both): perplexity on kiln's
 evaluation windows (full windows, no cache), prefill latency of a PROMPT_LEN-token prompt (median of
-3), decode ms/token at batch 1 (p50, p95 over DECODE_TOKENS steps), tokens/s at batch BATCH, file
+3; the forward pass as the decode loop runs it, asking for the last position's logits where the graph
+lets it choose), decode ms/token at batch 1 (p50, p95 over DECODE_TOKENS steps), tokens/s at batch BATCH, file
 size. Speeds drift on a shared machine, so each graph is measured in ROUNDS child processes,
 alternating which graph goes first; the table gives the median of each speed over rounds (perplexity
 and peak RSS from the first round, which scores the windows) and one line the per-round ratios.
@@ -79,6 +85,7 @@ def step_weight_bytes(path: Path) -> dict:
 
 def measure(folder: Path, windows_npy: Path, prompt_len: int, decode_tokens: int, batch: int, batch_prompt: int,
             threads: int, score: bool = True) -> dict:
+    """One graph's figures, in this (child) process."""
     import math
 
     from kiln.compile import window_nll
@@ -97,7 +104,7 @@ def measure(folder: Path, windows_npy: Path, prompt_len: int, decode_tokens: int
     prefill = []
     for _ in range(3):
         t = time.perf_counter()
-        dec.forward(prompt, np.ones_like(prompt), dec.empty_cache(1))
+        dec.forward(prompt, np.ones_like(prompt), dec.empty_cache(1), last_only=True)
         prefill.append(time.perf_counter() - t)
     g1 = generate(dec, prompt, decode_tokens + 1)
     steps = sorted(g1.step_s)
@@ -147,18 +154,20 @@ def graph_facts(path: Path) -> dict:
             "quantized_lm_head": any("lm_head" in n.name for n in nb)}
 
 
+PRUNED = "onnxruntime-genai prune_lm_head"
 SPEED_KEYS = ("prefill_ms", "decode_ms_p50", "decode_ms_p95", "decode_tok_s_b1", "decode_tok_s_batch")
 
 
-def _ratios(rounds: dict[str, list[dict]], key: str, inverse: bool = False) -> str:
-    pairs = zip(rounds["kiln"], rounds["onnxruntime-genai"])
+def _ratios(rounds: dict[str, list[dict]], key: str, inverse: bool = False, other: str = "onnxruntime-genai") -> str:
+    pairs = zip(rounds["kiln"], rounds[other])
     vals = [(g[key] / k[key]) if inverse else (k[key] / g[key]) for k, g in pairs]
     return "[" + ", ".join(f"{v:.2f}" for v in vals) + "]"
 
 
 def fmt_row(name: str, r: dict) -> str:
     bound_ms = 1000 * r["step_bytes"] / (r["bandwidth_gbs"] * 1e9)
-    return (f"| {name} | {r['perplexity']:.3f} | {r['prefill_ms']:.1f} | {r['decode_ms_p50']:.2f} | {r['decode_ms_p95']:.2f} "
+    ppl = "—" if r["perplexity"] is None else f"{r['perplexity']:.3f}"
+    return (f"| {name} | {ppl} | {r['prefill_ms']:.1f} | {r['decode_ms_p50']:.2f} | {r['decode_ms_p95']:.2f} "
             f"| {r['decode_tok_s_b1']:.1f} | {r['decode_tok_s_batch']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} "
             f"| {r['file_bytes'] / 2**20:.1f} | {r['step_bytes'] / 2**20:.1f} | {bound_ms:.2f} | {bound_ms / r['decode_ms_p50']:.2f} |")
 
@@ -177,6 +186,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/kiln-vs-genai"))
     ap.add_argument("--rounds", type=int, default=3, help="speed measurements per graph, alternating the two graphs "
                     "(kiln first in odd rounds, genai first in even ones); speeds are medians over rounds")
+    ap.add_argument("--no-genai-pruned", action="store_true", help="skip the genai graph built with prune_lm_head=true")
     ap.add_argument("--no-score", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--windows-npy", type=Path, help=argparse.SUPPRESS)
@@ -216,33 +226,39 @@ def main() -> None:
     ev = evaluation_windows(load_documents(ev_cfg.source, ev_cfg.field), tok, args.windows, ev_cfg.seq_len, set())
     np.save(work / "windows.npy", ev.ids.numpy())
     hf = hf_folder(model.path, work / "hf-fp32")
-    genai_dir = work / "genai-int4"
-    shutil.rmtree(genai_dir, ignore_errors=True)
-    print("[genai] onnxruntime_genai.models.builder -p int4 -e cpu", file=sys.stderr)
-    g = run_timed([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(genai_dir),
-                   "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")], env, work / "logs" / "genai-build", None)
-    if g["rc"] != 0:
-        sys.exit(f"onnxruntime-genai builder failed: {g['stderr'][-2000:]}")
+    builds = {"onnxruntime-genai": (work / "genai-int4", [])}
+    if not args.no_genai_pruned:
+        builds[PRUNED] = (work / "genai-int4-pruned", ["--extra_options", "prune_lm_head=true"])
+    graphs, scores = [("kiln", kiln_dir)], {"kiln": True}
+    for name, (folder, extra) in builds.items():
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"[{name}] onnxruntime_genai.models.builder -p int4 -e cpu {' '.join(extra)}", file=sys.stderr)
+        g = run_timed([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(folder),
+                       "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache"), *extra], env,
+                      work / "logs" / f"build-{folder.name}", None)
+        if g["rc"] != 0:
+            sys.exit(f"onnxruntime-genai builder failed: {g['stderr'][-2000:]}")
+        graphs.append((name, folder))
+        scores[name] = name != PRUNED  # its logits are the last position's only
+        res[name] = {"build_s": g["wall_s"]}
+    res["kiln"] = {"build_s": compile_s}
 
-    graphs = [("kiln", kiln_dir), ("onnxruntime-genai", genai_dir)]
     rounds: dict[str, list[dict]] = {name: [] for name, _ in graphs}
     for k in range(args.rounds):
-        for name, folder in (graphs if k % 2 == 0 else graphs[::-1]):
+        for name, folder in graphs[k % len(graphs):] + graphs[: k % len(graphs)]:  # each graph first in turn
             print(f"[{name}] measuring {folder} (round {k + 1}/{args.rounds})", file=sys.stderr)
             r = run_timed([sys.executable, __file__, "--measure", str(folder), "--windows-npy", str(work / "windows.npy"),
                            "--prompt-len", str(args.prompt_len), "--decode-tokens", str(args.decode_tokens),
                            "--batch", str(args.batch), "--batch-prompt", str(args.batch_prompt),
-                           "--threads", str(args.threads)] + (["--no-score"] if k else []),
-                          env, work / "logs" / f"measure-{name}-{k}", None)
+                           "--threads", str(args.threads)] + ([] if k == 0 and scores[name] else ["--no-score"]),
+                          env, work / "logs" / f"measure-{name.replace(' ', '-')}-{k}", None)
             if r["rc"] != 0:
                 sys.exit(f"measuring {name} failed: {r['stderr'][-2000:]}")
             rounds[name].append({**_stdout_json(r["stdout"]), "peak_rss_bytes": r["peak_rss_bytes"]})
     for name, folder in graphs:
         first = rounds[name][0]  # perplexity and peak RSS (the scoring pass holds the most) from round 1
         speeds = {key: statistics.median(r[key] for r in rounds[name]) for key in SPEED_KEYS}
-        res[name] = {**first, **speeds, "rounds": rounds[name], **graph_facts(folder / "model.onnx")}
-    res["kiln"]["build_s"] = compile_s
-    res["onnxruntime-genai"]["build_s"] = g["wall_s"]
+        res[name] = {**first, **speeds, "rounds": rounds[name], **graph_facts(folder / "model.onnx"), **res[name]}
 
     a, b = res["kiln"], res["onnxruntime-genai"]
     lines = [f"kiln vs onnxruntime-genai builder — {model.origin}, {args.threads} threads, "
@@ -252,6 +268,7 @@ def main() -> None:
              "MiB read/step | bound ms | of bound |" % args.batch,
              "|---|---|---|---|---|---|---|---|---|---|---|---|",
              fmt_row("kiln", a), fmt_row("onnxruntime-genai", b),
+             *([fmt_row(PRUNED, res[PRUNED])] if PRUNED in res else []),
              "",
              f"ratios kiln/genai: prefill speed {b['prefill_ms'] / a['prefill_ms']:.2f}×, decode tok/s b1 "
              f"{a['decode_tok_s_b1'] / b['decode_tok_s_b1']:.2f}×, tok/s b{args.batch} "
@@ -260,6 +277,11 @@ def main() -> None:
              f"per round (kiln/genai): prefill speed {_ratios(rounds, 'prefill_ms', True)}, decode tok/s b1 "
              f"{_ratios(rounds, 'decode_tok_s_b1')}, tok/s b{args.batch} {_ratios(rounds, 'decode_tok_s_batch')}; "
              f"the table's speeds are medians of {args.rounds} rounds",
+             *([f"kiln / {PRUNED}: prefill speed {res[PRUNED]['prefill_ms'] / a['prefill_ms']:.2f}× "
+                f"{_ratios(rounds, 'prefill_ms', True, PRUNED)}, decode tok/s b1 "
+                f"{a['decode_tok_s_b1'] / res[PRUNED]['decode_tok_s_b1']:.2f}× {_ratios(rounds, 'decode_tok_s_b1', other=PRUNED)}, "
+                f"tok/s b{args.batch} {a['decode_tok_s_batch'] / res[PRUNED]['decode_tok_s_batch']:.2f}× "
+                f"{_ratios(rounds, 'decode_tok_s_batch', other=PRUNED)} (medians, then per round)"] if PRUNED in res else []),
              f"read bandwidth {a['bandwidth_gbs']:.1f} GB/s (numpy sum over 1 GiB, best of 5)",
              f"kiln graph: {a['matmulnbits']} MatMulNBits, {a['bits']}-bit blocks of {a['block_size']}, accuracy_level "
              f"{a['accuracy_level']}, lm_head quantized: {a['quantized_lm_head']}; compile {a['build_s'] or float('nan'):.1f} s "

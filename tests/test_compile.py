@@ -51,6 +51,28 @@ def test_float_export_matches_pytorch_prefill_and_cached_decode(arch, tiny_model
     assert np.abs(_cached_logits(dec, ids.numpy(), 50) - ref).max() < 1e-4
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3_text", "gpt2"])  # quantized-style and Gemm heads, softcap
+def test_logits_to_keep_defaults_to_the_last_position_and_zero_keeps_all(arch, tiny_models, tmp_path):
+    """The graph's own default (what onnxruntime-genai gets) is the last position's logits; k keeps the
+    last k; 0 every position, as scoring needs; the rows kept are the full run's rows."""
+    from kiln.model import WeightStore
+
+    d = tiny_models(arch)
+    dec, model, _ = _export(d, WeightStore(d), tmp_path)
+    assert [i.name for i in model.graph.input].count("logits_to_keep") == 1
+    ids = np.random.default_rng(3).integers(0, 512, (2, 24))
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    feed.update({f"past_key_values.{i // 2}.{'value' if i % 2 else 'key'}": c for i, c in enumerate(dec.empty_cache(2))})
+    full = dec.sess.run(["logits"], {**feed, "logits_to_keep": np.asarray(0, np.int64)})[0]
+    assert full.shape == (2, 24, 512)
+    default = dec.sess.run(["logits"], feed)[0]
+    three = dec.sess.run(["logits"], {**feed, "logits_to_keep": np.asarray(3, np.int64)})[0]
+    np.testing.assert_allclose(default, full[:, -1:], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(three, full[:, -3:], rtol=0, atol=1e-5)
+    assert dec.forward(ids, np.ones_like(ids), dec.empty_cache(2), last_only=True)[0].shape == (2, 1, 512)
+    assert dec.logits(ids).shape == (2, 24, 512)
+
+
 def test_io_binding_keeps_the_cache_as_ort_values_and_changes_nothing(tiny_models, tmp_path):
     """The GPU path (KV cache bound as OrtValues, left where the provider put it), run here on the CPU
     provider: same logits as plain numpy feeds, prefill and cached decode."""
@@ -64,6 +86,8 @@ def test_io_binding_keeps_the_cache_as_ort_values_and_changes_nothing(tiny_model
     _, cache = bound.forward(ids[:, :8], np.ones((2, 8)), bound.empty_cache(2))
     assert cache and not isinstance(cache[0], np.ndarray)
     np.testing.assert_allclose(_cached_logits(bound, ids, 30), _cached_logits(plain, ids, 30), atol=1e-5)
+    last = bound.forward(ids, np.ones_like(ids), bound.empty_cache(2), last_only=True)[0]
+    np.testing.assert_allclose(last, plain.logits(ids)[:, -1:], atol=1e-5)
     assert (generate(bound, ids[:, :8], 6).tokens == generate(plain, ids[:, :8], 6).tokens).all()
 
 

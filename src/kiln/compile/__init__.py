@@ -62,6 +62,8 @@ def build_target(target, model_dir: Path, store, out: Path, trust_remote_code: b
         counts[k] = counts.get(k, 0) + 1
     return {"target": target.target, "dtype": target.dtype, "accuracy_level": target.accuracy_level,
             "lm_head": _head_note(target, store, spec),
+            "logits": "every position" if target.target == "tensorrt" else
+                      "last position unless the input logits_to_keep says otherwise (k: the last k; 0: every position)",
             "provider": target.provider, "family": spec.family, "context_length": length,
             "op_histogram": histogram, "linears": counts, "linear_kinds": kinds, **extra}
 

@@ -200,6 +200,10 @@ class BuildOptions:
 
 
 class DecoderBuilder:
+    # an input choosing how many of the last positions get logits (see build); the TensorRT graph
+    # keeps every position (its engine profiles fix the inputs)
+    logits_to_keep_input = True
+
     def __init__(self, spec: Spec, store, opts: BuildOptions, rotary_tables: dict | None, transposed: bool = False,
                  aliases: dict | None = None):
         from onnx import TensorProto
@@ -357,6 +361,8 @@ class DecoderBuilder:
             m = self.mlp(h, n)
             pending = self.norm(m, f"{p}.post_feedforward_layernorm") if s.sandwich else m
         h, _ = self.skip_norm(pending, residual, s.final_norm)
+        if self.logits_to_keep_input:
+            h = self.keep_last(h)
 
         # the output projection reads the embedding as stored (V, H) when tied: no transposed copy
         head_quantized = s.lm_head is not None and self.store.quant_info(s.lm_head + ".weight") is not None
@@ -380,14 +386,30 @@ class DecoderBuilder:
             c = g.const(s.final_softcap, self.np_dtype)
             logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, c])]), c], name="final_softcap")
         if flat is not None:
-            shape = g.op("Concat", [g.op("Shape", [ids]), g.const([s.vocab])], axis=0)
+            shape = g.op("Concat", [g.op("Shape", [h], end=2), g.const([s.vocab])], axis=0)
             logits = g.op("Reshape", [logits, shape])
-        g.output(logits, "logits", self.elem, ["batch_size", "sequence_length", s.vocab])
+        # a static 1 is how onnxruntime-genai knows to size the prompt's logits for the last position
+        rows = 1 if self.logits_to_keep_input else "sequence_length"
+        g.output(logits, "logits", self.elem, ["batch_size", rows, s.vocab])
         for i, (pk, pv) in enumerate(presents):
             shape = ["batch_size", s.kv_heads, "total_sequence_length", s.head_dim]
             g.output(pk, f"present.{i}.key", self.elem, shape)
             g.output(pv, f"present.{i}.value", self.elem, shape)
         return g.model()
+
+    def keep_last(self, h: str) -> str:
+        """h[:, -k:] for the int64 input `logits_to_keep` k, 0 meaning every position (transformers'
+        `logits_to_keep`). Generating from a prompt needs the logits of its last position only: the
+        output projection is a fifth of SmolLM2's prefill FLOPs when run on all S positions. The
+        input defaults to 1 (an initializer of the same name), so onnxruntime-genai, which never
+        feeds it, prefills that way (its builder's `prune_lm_head`, without losing scoring); kiln's
+        scoring feeds 0."""
+        from onnx import TensorProto
+
+        g = self.g
+        keep = g.input("logits_to_keep", TensorProto.INT64, [], default=np.asarray(1, np.int64))
+        start = g.op("Neg", [g.op("Unsqueeze", [keep, g.const([0])])])
+        return g.op("Slice", [h, start, g.const([np.iinfo(np.int64).max]), g.const([1])], name="logits_to_keep")
 
     def attention(self, h, n, i, past, seqlens, total, caches):
         s, g = self.s, self.g

@@ -31,10 +31,13 @@ class Graph:
         n = self._names[base]
         return base if n == 1 else f"{base}_{n - 1}"
 
-    def input(self, name: str, elem_type: int, shape: list) -> str:
-        from onnx import helper
+    def input(self, name: str, elem_type: int, shape: list, default: np.ndarray | None = None) -> str:
+        """A graph input; with `default`, an initializer of the same name that a caller may override."""
+        from onnx import helper, numpy_helper
 
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        if default is not None:
+            self.initializers.append(numpy_helper.from_array(np.asarray(default), name))
         return name
 
     def output(self, value: str, name: str, elem_type: int, shape: list) -> str:

@@ -49,6 +49,8 @@ def qdq_problem(module: str, bits: int, group_size: int | None, symmetric: bool,
 class QDQDecoderBuilder(DecoderBuilder):
     """DecoderBuilder with standard-ONNX norms, activations, linears and attention."""
 
+    logits_to_keep_input = False
+
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self._masks: dict = {}

@@ -35,6 +35,9 @@ def session(path: Path, provider: str = "CPUExecutionProvider", threads: int | N
     if threads:
         so.intra_op_num_threads = threads
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # errors only: ONNX Runtime warns on every load that `logits_to_keep`, an input with a default,
+    # is not a constant, which is the point of it
+    so.log_severity_level = 3
     for k, v in (config or {}).items():
         so.add_session_config_entry(k, v)
     return ort.InferenceSession(str(path), so, providers=providers(provider))
@@ -66,23 +69,33 @@ class OnnxDecoder:
             self.kv_heads, self.head_dim = dec["num_key_value_heads"], dec["head_size"]
         self.dtype = np.float16 if "float16" in k0.type else np.float32
         self.outputs = [o.name for o in self.sess.get_outputs()]
+        # kiln's graphs compute logits for the last `logits_to_keep` positions (default 1); a graph
+        # without that input (an older artifact, another builder's) computes them for every position
+        self.keeps_last = "logits_to_keep" in ins or any(
+            i.name == "logits_to_keep" for i in self.sess.get_overridable_initializers())
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         z = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
         return [z] * (2 * self.layers)
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: list):
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: list, last_only: bool = False):
         """Logits (numpy) and the present cache: numpy arrays, or with IO binding OrtValues where the
-        provider keeps them (pass them back as they are)."""
+        provider keeps them (pass them back as they are). Logits cover every position of input_ids,
+        or with `last_only` the last at least (every position where the graph cannot choose)."""
         names = [f"past_key_values.{i // 2}.{'value' if i % 2 else 'key'}" for i in range(2 * self.layers)]
+        keep = {"logits_to_keep": np.asarray(1 if last_only else 0, np.int64)} if self.keeps_last else {}
         if not self.io_binding:
-            feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+            feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64), **keep}
             feed.update(zip(names, cache))
             out = self.sess.run(None, feed)
             return out[0], out[1:]
+        import onnxruntime as ort
+
         io = self.sess.io_binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        for name, v in keep.items():  # an input with a default binds only as an OrtValue
+            io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(v))
         for name, c in zip(names, cache):
             if isinstance(c, np.ndarray):
                 io.bind_cpu_input(name, c)
@@ -117,7 +130,7 @@ def generate(dec: OnnxDecoder, prompt: np.ndarray, max_new_tokens: int, *, tempe
     batch = prompt.shape[0]
     mask = np.ones_like(prompt)
     t0 = time.perf_counter()
-    logits, cache = dec.forward(prompt, mask, dec.empty_cache(batch))
+    logits, cache = dec.forward(prompt, mask, dec.empty_cache(batch), last_only=True)
     gen = Generation(np.zeros((batch, 0), np.int64), time.perf_counter() - t0)
     done = np.zeros(batch, bool)
     for step in range(max_new_tokens):
@@ -130,7 +143,7 @@ def generate(dec: OnnxDecoder, prompt: np.ndarray, max_new_tokens: int, *, tempe
             break
         mask = np.concatenate([mask, np.ones((batch, 1), mask.dtype)], axis=1)
         t = time.perf_counter()
-        logits, cache = dec.forward(nxt[:, None], mask, cache)
+        logits, cache = dec.forward(nxt[:, None], mask, cache, last_only=True)
         gen.step_s.append(time.perf_counter() - t)
     return gen
 

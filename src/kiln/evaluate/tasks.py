@@ -251,7 +251,7 @@ class OnnxScorer(Scorer):
 
     def shared(self, context, rests):
         ids = np.asarray([context], np.int64)
-        lg, cache = self.dec.forward(ids, np.ones_like(ids), self.dec.empty_cache(1))
+        lg, cache = self.dec.forward(ids, np.ones_like(ids), self.dec.empty_cache(1), last_only=True)
         # GroupQueryAttention reads a multi-token step after a cache only at batch 1: one run per
         # continuation, each over the same context cache
         return lg[0, -1], [self.dec.forward(np.asarray([r], np.int64), np.ones((1, len(context) + len(r)), np.int64), cache)[0][0]
