@@ -3,7 +3,7 @@ machine, measured by one harness in child processes (one at a time, same thread 
 
     python bench/vs_genai.py [--recipe recipes/quickstart.yaml] [--kiln-out runs/quickstart]
         [--prompt-len 512] [--decode-tokens 64] [--batch 8] [--batch-prompt 128] [--windows 16]
-        [--threads 2] [--workdir /tmp/kiln-vs-genai] [--rounds 3]
+        [--threads 2] [--workdir /tmp/kiln-vs-genai] [--rounds 6] [--no-genai-pruned]
 
   kiln   `kiln run RECIPE --out KILN_OUT` (resumes: an already finished run costs nothing) and takes
          the artifact's onnx/<target> folder (GPTQ codes in MatMulNBits).
@@ -21,9 +21,11 @@ with kiln.compile.runtime (ONNX Runtime, the same session options for both): per
 evaluation windows (full windows, no cache), prefill latency of a PROMPT_LEN-token prompt (median of
 3; the forward pass as the decode loop runs it, asking for the last position's logits where the graph
 lets it choose), decode ms/token at batch 1 (p50, p95 over DECODE_TOKENS steps), tokens/s at batch BATCH, file
-size. Speeds drift on a shared machine, so each graph is measured in ROUNDS child processes,
-alternating which graph goes first; the table gives the median of each speed over rounds (perplexity
-and peak RSS from the first round, which scores the windows) and one line the per-round ratios.
+size. Each graph is first measured alone in a child (perplexity, peak RSS, file and step bytes, and a
+first set of speeds kept in results.json as "alone"). Speeds drift on a shared machine by ±20% from
+one process to the next, so the table's speeds come from one more child that loads every graph and
+measures them in turn ROUNDS times, each graph first in turn: drift then falls on all of them alike.
+The table gives the median of each speed over rounds, and one line the per-round ratios.
 The memory-bandwidth bound of one decode step is the bytes of weights a step reads (every
 initializer except tables read by Gather and the rotary tables) over a measured read bandwidth
 (numpy sum over 1 GiB, best of 5); the table prints each graph's measured step time as a fraction
@@ -89,7 +91,7 @@ def measure(folder: Path, windows_npy: Path, prompt_len: int, decode_tokens: int
     import math
 
     from kiln.compile import window_nll
-    from kiln.compile.runtime import OnnxDecoder, generate
+    from kiln.compile.runtime import OnnxDecoder
 
     ids = np.load(windows_npy)
     t0 = time.perf_counter()
@@ -100,9 +102,21 @@ def measure(folder: Path, windows_npy: Path, prompt_len: int, decode_tokens: int
         w_nll, n = window_nll(dec.logits(ids[w : w + 1]), ids[w : w + 1], 1)
         nll += w_nll
         count += n
+    sizes = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
+    return {"load_s": load_s, "perplexity": math.exp(nll / count) if count else None, "tokens_scored": count,
+            **speeds(dec, ids, prompt_len, decode_tokens, batch, batch_prompt, prefills=3), "file_bytes": sizes,
+            **step_weight_bytes(folder / "model.onnx"), "bandwidth_gbs": read_bandwidth_gbs()}
+
+
+def speeds(dec, ids: np.ndarray, prompt_len: int, decode_tokens: int, batch: int, batch_prompt: int,
+           prefills: int = 1) -> dict:
+    """Prefill of a prompt_len-token prompt (median of `prefills`; the forward pass as the decode loop
+    runs it), decode ms/token at batch 1 over decode_tokens steps (p50, p95), tokens/s at `batch`."""
+    from kiln.compile.runtime import generate
+
     prompt = np.concatenate([ids[0], ids[1]])[:prompt_len][None]
     prefill = []
-    for _ in range(3):
+    for _ in range(prefills):
         t = time.perf_counter()
         dec.forward(prompt, np.ones_like(prompt), dec.empty_cache(1), last_only=True)
         prefill.append(time.perf_counter() - t)
@@ -110,13 +124,26 @@ def measure(folder: Path, windows_npy: Path, prompt_len: int, decode_tokens: int
     steps = sorted(g1.step_s)
     bprompt = ids[:batch, :batch_prompt] if ids.shape[0] >= batch else np.repeat(ids[:1, :batch_prompt], batch, 0)
     gb = generate(dec, bprompt, 33)
-    sizes = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
-    return {"load_s": load_s, "perplexity": math.exp(nll / count) if count else None, "tokens_scored": count,
-            "prefill_ms": 1000 * statistics.median(prefill), "decode_ms_p50": 1000 * statistics.median(steps),
+    return {"prefill_ms": 1000 * statistics.median(prefill), "decode_ms_p50": 1000 * statistics.median(steps),
             "decode_ms_p95": 1000 * steps[min(len(steps) - 1, int(round(0.95 * (len(steps) - 1))))],
             "decode_tok_s_b1": len(steps) / sum(steps), "decode_tok_s_batch": batch * len(gb.step_s) / sum(gb.step_s),
-            "file_bytes": sizes, **step_weight_bytes(folder / "model.onnx"), "bandwidth_gbs": read_bandwidth_gbs(),
             "greedy_tokens": g1.tokens[0, :16].tolist()}
+
+
+def measure_paired(folders: list[Path], windows_npy: Path, reps: int, prompt_len: int, decode_tokens: int, batch: int,
+                   batch_prompt: int, threads: int) -> list[list[dict]]:
+    """Every graph loaded in this one process and measured in turn, `reps` times, each graph first in
+    turn: drift on a shared machine then falls on all of them alike. Per graph, one dict per rep."""
+    from kiln.compile.runtime import OnnxDecoder
+
+    ids = np.load(windows_npy)
+    decs = [OnnxDecoder(f / "model.onnx", threads=threads) for f in folders]
+    out: list[list[dict]] = [[] for _ in folders]
+    order = list(range(len(folders)))
+    for k in range(reps):
+        for i in order[k % len(order):] + order[: k % len(order)]:
+            out[i].append(speeds(decs[i], ids, prompt_len, decode_tokens, batch, batch_prompt, prefills=3))
+    return out
 
 
 # --- parent ---------------------------------------------------------------------------------------
@@ -184,16 +211,21 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/kiln-vs-genai"))
-    ap.add_argument("--rounds", type=int, default=3, help="speed measurements per graph, alternating the two graphs "
-                    "(kiln first in odd rounds, genai first in even ones); speeds are medians over rounds")
+    ap.add_argument("--rounds", type=int, default=6, help="speed measurements per graph in the paired process, each "
+                    "graph first in turn; speeds are medians over rounds")
     ap.add_argument("--no-genai-pruned", action="store_true", help="skip the genai graph built with prune_lm_head=true")
     ap.add_argument("--no-score", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--paired", type=Path, nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--windows-npy", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure, args.windows_npy, args.prompt_len, args.decode_tokens, args.batch,
                                  args.batch_prompt, args.threads, not args.no_score)))
+        return
+    if args.paired:
+        print(json.dumps(measure_paired(args.paired, args.windows_npy, args.rounds, args.prompt_len, args.decode_tokens,
+                                        args.batch, args.batch_prompt, args.threads)))
         return
 
     from kiln.recipe import load_recipe
@@ -243,22 +275,26 @@ def main() -> None:
         res[name] = {"build_s": g["wall_s"]}
     res["kiln"] = {"build_s": compile_s}
 
-    rounds: dict[str, list[dict]] = {name: [] for name, _ in graphs}
-    for k in range(args.rounds):
-        for name, folder in graphs[k % len(graphs):] + graphs[: k % len(graphs)]:  # each graph first in turn
-            print(f"[{name}] measuring {folder} (round {k + 1}/{args.rounds})", file=sys.stderr)
-            r = run_timed([sys.executable, __file__, "--measure", str(folder), "--windows-npy", str(work / "windows.npy"),
-                           "--prompt-len", str(args.prompt_len), "--decode-tokens", str(args.decode_tokens),
-                           "--batch", str(args.batch), "--batch-prompt", str(args.batch_prompt),
-                           "--threads", str(args.threads)] + ([] if k == 0 and scores[name] else ["--no-score"]),
-                          env, work / "logs" / f"measure-{name.replace(' ', '-')}-{k}", None)
-            if r["rc"] != 0:
-                sys.exit(f"measuring {name} failed: {r['stderr'][-2000:]}")
-            rounds[name].append({**_stdout_json(r["stdout"]), "peak_rss_bytes": r["peak_rss_bytes"]})
-    for name, folder in graphs:
-        first = rounds[name][0]  # perplexity and peak RSS (the scoring pass holds the most) from round 1
-        speeds = {key: statistics.median(r[key] for r in rounds[name]) for key in SPEED_KEYS}
-        res[name] = {**first, **speeds, "rounds": rounds[name], **graph_facts(folder / "model.onnx"), **res[name]}
+    shape = ["--windows-npy", str(work / "windows.npy"), "--prompt-len", str(args.prompt_len), "--decode-tokens",
+             str(args.decode_tokens), "--batch", str(args.batch), "--batch-prompt", str(args.batch_prompt),
+             "--threads", str(args.threads)]
+    for name, folder in graphs:  # alone in a child: perplexity, peak RSS, bytes
+        print(f"[{name}] measuring {folder} alone", file=sys.stderr)
+        r = run_timed([sys.executable, __file__, "--measure", str(folder), *shape] + ([] if scores[name] else ["--no-score"]),
+                      env, work / "logs" / f"measure-{folder.name}", None)
+        if r["rc"] != 0:
+            sys.exit(f"measuring {name} failed: {r['stderr'][-2000:]}")
+        alone = _stdout_json(r["stdout"])
+        res[name] = {**alone, "alone": {k: alone[k] for k in SPEED_KEYS}, "peak_rss_bytes": r["peak_rss_bytes"],
+                     **graph_facts(folder / "model.onnx"), **res[name]}
+    print(f"[paired] {len(graphs)} graphs in one process, {args.rounds} rounds", file=sys.stderr)
+    r = run_timed([sys.executable, __file__, "--paired", *(str(f) for _, f in graphs), "--rounds", str(args.rounds), *shape],
+                  env, work / "logs" / "paired", None)
+    if r["rc"] != 0:
+        sys.exit(f"paired measurement failed: {r['stderr'][-2000:]}")
+    rounds = {name: reps for (name, _), reps in zip(graphs, _stdout_json(r["stdout"]))}
+    for name, _ in graphs:
+        res[name].update({key: statistics.median(x[key] for x in rounds[name]) for key in SPEED_KEYS}, rounds=rounds[name])
 
     a, b = res["kiln"], res["onnxruntime-genai"]
     lines = [f"kiln vs onnxruntime-genai builder — {model.origin}, {args.threads} threads, "
@@ -276,7 +312,10 @@ def main() -> None:
              f"peak RSS {a['peak_rss_bytes'] / b['peak_rss_bytes']:.2f}, file {a['file_bytes'] / b['file_bytes']:.2f}",
              f"per round (kiln/genai): prefill speed {_ratios(rounds, 'prefill_ms', True)}, decode tok/s b1 "
              f"{_ratios(rounds, 'decode_tok_s_b1')}, tok/s b{args.batch} {_ratios(rounds, 'decode_tok_s_batch')}; "
-             f"the table's speeds are medians of {args.rounds} rounds",
+             f"the table's speeds are medians of {args.rounds} rounds in one process",
+             "measured alone (one child per graph, one pass each; ±20% between processes): " + "; ".join(
+                 f"{n} prefill {res[n]['alone']['prefill_ms']:.0f} ms, decode p50 {res[n]['alone']['decode_ms_p50']:.2f} ms, "
+                 f"b{args.batch} {res[n]['alone']['decode_tok_s_batch']:.0f} tok/s" for n, _ in graphs),
              *([f"kiln / {PRUNED}: prefill speed {res[PRUNED]['prefill_ms'] / a['prefill_ms']:.2f}× "
                 f"{_ratios(rounds, 'prefill_ms', True, PRUNED)}, decode tok/s b1 "
                 f"{a['decode_tok_s_b1'] / res[PRUNED]['decode_tok_s_b1']:.2f}× {_ratios(rounds, 'decode_tok_s_b1', other=PRUNED)}, "
