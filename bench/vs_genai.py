@@ -132,12 +132,14 @@ def speeds(dec, ids: np.ndarray, prompt_len: int, decode_tokens: int, batch: int
 
 def measure_paired(folders: list[Path], windows_npy: Path, reps: int, prompt_len: int, decode_tokens: int, batch: int,
                    batch_prompt: int, threads: int) -> list[list[dict]]:
-    """Every graph loaded in this one process and measured in turn, `reps` times, each graph first in
-    turn: drift on a shared machine then falls on all of them alike. Per graph, one dict per rep."""
+    """Every graph loaded in this one process, warmed up, and measured in turn `reps` times, each graph
+    first in turn: drift on a shared machine then falls on all of them alike. Per graph, one dict per rep."""
     from kiln.compile.runtime import OnnxDecoder
 
     ids = np.load(windows_npy)
     decs = [OnnxDecoder(f / "model.onnx", threads=threads) for f in folders]
+    for dec in decs:  # first-run allocations are not serving latency
+        speeds(dec, ids, prompt_len, 4, batch, batch_prompt)
     out: list[list[dict]] = [[] for _ in folders]
     order = list(range(len(folders)))
     for k in range(reps):
