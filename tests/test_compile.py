@@ -51,7 +51,7 @@ def test_float_export_matches_pytorch_prefill_and_cached_decode(arch, tiny_model
     assert np.abs(_cached_logits(dec, ids.numpy(), 50) - ref).max() < 1e-4
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "gemma3_text", "gpt2"])  # quantized-style and Gemm heads, softcap
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3_text", "gpt2"])  # untied head, tied head with softcap, tied
 def test_logits_to_keep_defaults_to_the_last_position_and_zero_keeps_all(arch, tiny_models, tmp_path):
     """The graph's own default (what onnxruntime-genai gets) is the last position's logits; k keeps the
     last k; 0 every position, as scoring needs; the rows kept are the full run's rows."""
