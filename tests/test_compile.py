@@ -311,6 +311,12 @@ def test_a_head_quantized_in_compress_exports_its_codes(arch, tiny_models, tmp_p
     assert cpu["op_histogram"].get("Gemm", 0) == 0
     assert cpu["parity"]["top1_agreement"] >= 0.995 and abs(cpu["parity"]["perplexity_rel"]) <= 0.005
     assert cpu["parity"]["max_abs_logit"] < 1e-4  # float activations: the same dequantized head as PyTorch
+    from kiln.compile.runtime import OnnxDecoder  # the MatMulNBits head on the last position only
+
+    dec = OnnxDecoder(tmp_path / "run" / "artifact" / "onnx" / "cpu" / "model.onnx")
+    ids = np.random.default_rng(4).integers(0, 512, (2, 20))
+    last = dec.forward(ids, np.ones_like(ids), dec.empty_cache(2), last_only=True)[0]
+    np.testing.assert_allclose(last, dec.logits(ids)[:, -1:], rtol=0, atol=1e-5)
     r["compile"] = {"targets": [{"target": "cpu", "lm_head_bits": 8}]}
     code, _, err = run_cli("validate", str(write_recipe(tmp_path / "r2.yaml", r)))
     assert code == 3 and "lm_head_bits would quantize lm_head again" in err and "compress[1]" in err, err
