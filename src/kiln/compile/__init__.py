@@ -35,6 +35,7 @@ def build_target(target, model_dir: Path, store, out: Path, trust_remote_code: b
                         lm_head_bits=target.lm_head_bits, max_block=target.max_block)
     model, spec, kinds = build_decoder(model_dir, store, opts, trust_remote_code, qdq=target.target == "tensorrt")
     histogram = op_histogram(model)
+    keeps_last = any(i.name == "logits_to_keep" for i in model.graph.input)
     save(model, out / "model.onnx")
     del model
     try:
@@ -62,8 +63,8 @@ def build_target(target, model_dir: Path, store, out: Path, trust_remote_code: b
         counts[k] = counts.get(k, 0) + 1
     return {"target": target.target, "dtype": target.dtype, "accuracy_level": target.accuracy_level,
             "lm_head": _head_note(target, store, spec),
-            "logits": "every position" if target.target == "tensorrt" else
-                      "last position unless the input logits_to_keep says otherwise (k: the last k; 0: every position)",
+            "logits": "last position unless the input logits_to_keep says otherwise (k: the last k; 0: every position)"
+                      if keeps_last else "every position",
             "provider": target.provider, "family": spec.family, "context_length": length,
             "op_histogram": histogram, "linears": counts, "linear_kinds": kinds, **extra}
 
