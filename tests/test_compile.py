@@ -308,6 +308,7 @@ def test_a_head_quantized_in_compress_exports_its_codes(arch, tiny_models, tmp_p
     cpu, trt = m["compile"]["targets"]["cpu"], m["compile"]["targets"]["tensorrt"]
     assert cpu["linear_kinds"]["lm_head"] == "nbits" and trt["linear_kinds"]["lm_head"] == "qdq"
     assert cpu["lm_head"] == "int4 codes from compress (group 32, symmetric)"
+    assert cpu["logits"].startswith("last position unless") and trt["logits"] == "every position"
     assert cpu["op_histogram"].get("Gemm", 0) == 0
     assert cpu["parity"]["top1_agreement"] >= 0.995 and abs(cpu["parity"]["perplexity_rel"]) <= 0.005
     assert cpu["parity"]["max_abs_logit"] < 1e-4  # float activations: the same dequantized head as PyTorch
