@@ -444,3 +444,16 @@ def _hessians(layer, mods, inputs):
     for h in handles:
         h.remove()
     return {n: a.result() for n, a in accs.items()}
+
+
+def test_all_finite_sees_every_nan_and_inf_and_no_overflowing_sum():
+    from kiln.compress.engine import _all_finite
+
+    x = torch.randn(4, 8)
+    assert _all_finite(x)
+    big = torch.full((4, 8), 3e38)  # finite, but their sum overflows to inf
+    assert _all_finite(big)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[2, 3] = bad
+        assert not _all_finite(y)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
 from kiln.context import single_threaded
 from kiln.compress.base import ActScheme, StageConfig, WeightResult
-from kiln.compress.quant import QuantizedWeight, QuantScheme, grid_for_weight, grid_params, quantize_column
+from kiln.compress.quant import QuantizedWeight, QuantScheme, grid_for_weight, grid_params
 
 
 class GPTQConfig(StageConfig):
@@ -172,38 +173,59 @@ def gptq_quantize(
     return qw, {"loss": float(losses.sum()), "damp": damp_used, "row_loss": losses}
 
 
+SUB_BLOCK = 16  # columns whose updates reach each other one by one (see _quantize_columns)
+
+
 @single_threaded
 def _quantize_columns(W, Hinv, scale_g, zero_g, order: list[int], scheme: QuantScheme, static: bool, bs: int,
                       pruned: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The column loop, on Wᵀ so that each column of W is one contiguous row (thousands of tiny
-    vector ops: one thread is fastest). Fills scale_g/zero_g in place for dynamic groups."""
+    """The column loop, on Wᵀ so that each column of W is one contiguous row. It is thousands of
+    tiny vector ops: they run in numpy, whose per-call cost is a fraction of torch's, on one thread.
+    The lazy updates of the paper are nested once more: a column's error reaches the rest of its
+    sub-block at once, the rest of its block as one product per sub-block, the later blocks as one
+    product per block. A dynamic group's first column starts a sub-block, so its grid is taken from
+    fully updated columns. Fills scale_g/zero_g in place for dynamic groups."""
     cols, rows = W.shape[1], W.shape[0]
     width = scheme.group_width(cols)
+    dynamic = not static and scheme.group_size is not None
     Wt = W.t().contiguous()  # (in, out)
     codes = torch.zeros_like(Wt)
-    losses = torch.zeros(rows)
-    prunedt = None if pruned is None else pruned.t().contiguous()
+    Err = torch.zeros_like(Wt)  # (w - q) / [H⁻¹]_ii per column
+    wt, cd, err_all, hinv = Wt.numpy(), codes.numpy(), Err.numpy(), Hinv.numpy()
+    S, Z = scale_g.t().contiguous().numpy(), zero_g.t().contiguous().numpy()  # (G, out): a group's pair is one row
+    prunedt = None if pruned is None else pruned.t().contiguous().numpy()
+    maxq = float(scheme.maxq)
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
-        W1 = Wt[i1:i2]  # a view: in-block updates are visible to the grid of a group starting inside it
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        diag = Hinv1.diagonal().tolist()
-        for i in range(i2 - i1):
-            col = i1 + i
-            g = order[col] // width
-            if not static and scheme.group_size is not None and order[col] % width == 0:
-                s, z = grid_params(Wt[col : col + width].t(), scheme)
-                scale_g[:, g], zero_g[:, g] = s, z
-            s, z = scale_g[:, g], zero_g[:, g]
-            w = W1[i]
-            q_code = quantize_column(w, s, z, scheme.maxq)
-            if prunedt is not None:
-                q_code = torch.where(prunedt[col], z, q_code)
-            codes[col] = q_code
-            err = Err1[i]
-            torch.sub(w, (q_code - z).mul_(s), out=err).div_(diag[i])  # (w - q) / [H⁻¹]_ii
-            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1.0)
-        losses += Err1.pow(2).sum(0) / 2  # Σ (w - q)² / [H⁻¹]_ii² / 2 over the block
-        Wt[i2:] -= Hinv[i1:i2, i2:].t() @ Err1
+        W1, E1, H1 = wt[i1:i2], err_all[i1:i2], hinv[i1:i2, i1:i2]
+        d = H1.diagonal().copy()
+        starts = set(range(0, i2 - i1, SUB_BLOCK))
+        if dynamic:
+            starts |= {c - i1 for c in range(i1, i2) if order[c] % width == 0}
+        bounds = sorted(starts) + [i2 - i1]
+        for j1, j2 in zip(bounds, bounds[1:]):
+            for i in range(j1, j2):
+                col = i1 + i
+                g = order[col] // width
+                if dynamic and order[col] % width == 0:
+                    s_, z_ = grid_params(Wt[col : col + width].t(), scheme)
+                    scale_g[:, g], zero_g[:, g] = s_, z_
+                    S[g], Z[g] = s_.numpy(), z_.numpy()
+                s, z, w = S[g], Z[g], W1[i]
+                q = np.rint(w / s)  # quantize_column, in numpy
+                q += z
+                np.clip(q, 0.0, maxq, out=q)
+                if prunedt is not None:
+                    q = np.where(prunedt[col], z, q)
+                cd[col] = q
+                q -= z
+                q *= s
+                e = np.subtract(w, q, out=E1[i])
+                e /= d[i]
+                W1[i + 1 : j2] -= np.multiply.outer(H1[i, i + 1 : j2], e)
+            if j2 < i2 - i1:  # torch here: one thread (numpy's BLAS keeps its own pool)
+                torch.from_numpy(W1[j2:]).sub_(torch.from_numpy(H1[j1:j2, j2:]).t() @ torch.from_numpy(E1[j1:j2]))
+        if i2 < cols:
+            Wt[i2:] -= Hinv[i1:i2, i2:].t() @ Err[i1:i2]
+    losses = Err.pow(2).sum(0) / 2  # Σ (w - q)² / [H⁻¹]_ii² / 2 per row
     return codes.t(), losses
