@@ -22,11 +22,10 @@ class HessianAccumulator:
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
         t = x.shape[0]
-        self.H *= self.n / (self.n + t)
+        beta, alpha = self.n / (self.n + t), 2.0 / (self.n + t)  # H ← n/(n+t)·H + 2/(n+t)·xᵀx
         self.n += t
-        x = x * (2.0 / self.n) ** 0.5
         for i in range(0, x.shape[1], self.block):
-            self.H[i : i + self.block, i:].addmm_(x[:, i : i + self.block].T, x[:, i:])
+            self.H[i : i + self.block, i:].addmm_(x[:, i : i + self.block].T, x[:, i:], beta=beta, alpha=alpha)
 
     def result(self) -> torch.Tensor:
         lower = torch.ones_like(self.H, dtype=torch.bool).tril_(-1)
