@@ -415,19 +415,21 @@ def test_replayed_passes_give_what_full_passes_give(arch, w8a8):
 
     stage = GPTQConfig(scheme={"bits": 8 if w8a8 else 4, "group_size": None if w8a8 else 16},
                        activations={"bits": 8} if w8a8 else None)
-    results = []
-    for replay in (False, True):
+    results, pool = [], {}
+    for replay in (False, True):  # two layers, the second reusing the first's slabs (replay)
         m = copy.deepcopy(model)
         run = LayerInputs([h.clone() for h in inputs.hidden], inputs.extras)
         q: dict = {}
-        _weights_stage(m, m.get_submodule(layout.layers_path)[0], 0, names, stage, run, frozenset(), q, StageOutput(),
-                       propagate=True, replay=replay)
-        results.append((run.hidden, {k: v for k, v in m.state_dict().items() if k.startswith(prefix)}, q))
+        for i in (0, 1):
+            _weights_stage(m, m.get_submodule(layout.layers_path)[i], i, [n.replace(prefix, layout.layer_name(i), 1) for n in names],
+                           stage, run, frozenset(), q, StageOutput(), propagate=True, replay=replay, slabs=pool)
+        results.append((run.hidden, {k: v for k, v in m.state_dict().items() if k.startswith(layout.layers_path)}, q))
     (h_full, w_full, q_full), (h_replay, w_replay, q_replay) = results
     assert all(torch.equal(a, b) for a, b in zip(h_full, h_replay))
     assert not torch.equal(h_replay[0], inputs.hidden[0])  # they were propagated
     assert w_full.keys() == w_replay.keys() and all(torch.equal(w_full[k], w_replay[k]) for k in w_full)
-    assert q_full.keys() == q_replay.keys() and len(q_full) == len(names)
+    assert q_full.keys() == q_replay.keys() and len(q_full) == 2 * len(names)
+    assert sum(len(v) for v in pool.values()) == len(tails)  # one slab per replayed linear, not per layer
     assert all(torch.equal(q_full[k][0].codes, q_replay[k][0].codes) for k in q_full)
 
 

@@ -234,9 +234,14 @@ def _probe(layer: nn.Module, prefix: str, mods: dict[str, nn.Module], inputs: La
 class _Replays:
     """The submodules of one layer being replayed (see _Tail), and which calibration batch runs."""
 
-    def __init__(self, layer: nn.Module, model: nn.Module, hidden: list[torch.Tensor]):
+    def __init__(self, layer: nn.Module, model: nn.Module, hidden: list[torch.Tensor],
+                 pool: dict | None = None):
         self.layer, self.model, self.hidden, self.batch = layer, model, hidden, 0
         self.saved: dict[str, list[torch.Tensor]] = {}  # linear → its input per batch (output once memoized)
+        # slabs by shape, handed from one layer to the next: every layer saves the same shapes, and
+        # memory the process already touched copies in several times faster than fresh pages
+        self.pool = {} if pool is None else pool
+        self.slabs: list[tuple[tuple, list[torch.Tensor]]] = []
         self.done: dict[str, set[int]] = {}
         self.patched: list[nn.Module] = []
 
@@ -248,9 +253,14 @@ class _Replays:
 
         def keep(module, args):
             x, b = args[0].detach(), self.batch
-            if not saved:
-                saved.extend(_slab([(*h.shape[:-1], x.shape[-1]) for h in self.hidden])
-                             if x.shape[:-1] == self.hidden[b].shape[:-1] else [None] * len(self.hidden))
+            if not saved and x.shape[:-1] == self.hidden[b].shape[:-1]:
+                key = tuple((*h.shape[:-1], x.shape[-1]) for h in self.hidden)
+                free = self.pool.get(key)
+                slab = free.pop() if free else _slab(list(key))
+                self.slabs.append((key, slab))
+                saved.extend(slab)
+            elif not saved:
+                saved.extend([None] * len(self.hidden))
             if saved[b] is not None and saved[b].shape == x.shape:
                 saved[b].copy_(x)
             else:
@@ -283,6 +293,9 @@ class _Replays:
             del sub.forward
         self.patched.clear()
         self.saved.clear()
+        for key, slab in self.slabs:
+            self.pool.setdefault(key, []).append(slab)
+        self.slabs.clear()
         self.done.clear()
 
 
@@ -350,6 +363,7 @@ def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str]
         by_layer.setdefault(idx, []).append(t)
 
     probes: dict = {}
+    slabs: dict = {}  # saved-input slabs by shape, reused by every layer (see _Replays)
     with ctx.progress(f"{stage.kind}: layers", layout.num_layers) as advance:
         for i in range(layout.num_layers):
             names = by_layer.get(i, [])
@@ -363,7 +377,8 @@ def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str]
             before = {k: v.clone() for k, v in layer.state_dict().items()}
             quantized: dict[str, tuple] = {}
             if names and stage.role == "weights":
-                _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out, propagate=True, probes=probes)
+                _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out, propagate=True, probes=probes,
+                               slabs=slabs)
             else:
                 if names and stage.role == "smoothing":
                     _smoothing_stage(model, layout, layer, i, set(names), stage, inputs, out)
@@ -382,6 +397,7 @@ def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str]
             release(model, lname)
             _trim_heap()
             advance()
+    slabs.clear()
     if head in targets:
         _head_stage(model, layers, head, stage, inputs, store, aliases, sparse, out_dir, out)
     return out
@@ -467,7 +483,7 @@ def _int8_inputs(model: nn.Module, quantized: dict[str, tuple]):
 
 
 def _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out, propagate: bool = False,
-                   probes: dict | None = None, replay: bool = True) -> None:
+                   probes: dict | None = None, replay: bool = True, slabs: dict | None = None) -> None:
     """Rewrite the layer's `names` linears; with calibration inputs and `sequential`, in steps (see
     _probe), each step's H taken from inputs through the steps already rewritten. W8A8 linears run as
     int8 from the moment they are rewritten, as at inference. With `propagate`, the calibration
@@ -492,7 +508,7 @@ def _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out
         tails = {prefix + r: t for r, t in rel_tails.items()}
         if not replay:
             tails = {}
-    replays = _Replays(layer, model, inputs.hidden if inputs is not None else [])
+    replays = _Replays(layer, model, inputs.hidden if inputs is not None else [], slabs)
     with ExitStack() as int8:
         try:
             for step in steps:
