@@ -48,7 +48,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from vs_llmcompressor import _child_env, _stdout_json, run_timed  # noqa: E402
+from vs_llmcompressor import _child_env, _stdout_json, code_version, run_timed  # noqa: E402
 
 
 # --- child: measure one graph ----------------------------------------------------------------------
@@ -300,7 +300,7 @@ def main() -> None:
 
     a, b = res["kiln"], res["onnxruntime-genai"]
     lines = [f"kiln vs onnxruntime-genai builder — {model.origin}, {args.threads} threads, "
-             f"{args.windows}×{ev_cfg.seq_len} evaluation tokens",
+             f"{args.windows}×{ev_cfg.seq_len} evaluation tokens, kiln commit {code_version()}",
              "",
              "| graph | ppl | prefill ms | decode ms p50 | p95 | tok/s b1 | tok/s b%d | peak RSS MiB | file MiB | "
              "MiB read/step | bound ms | of bound |" % args.batch,

