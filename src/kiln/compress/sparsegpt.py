@@ -14,13 +14,14 @@ import math
 import re
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field, field_validator
 
 from kiln.context import single_threaded
 from kiln.compress.base import StageConfig, WeightResult
-from kiln.compress.gptq import _effective_block, damped_cholesky_inverse
-from kiln.compress.quant import QuantizedWeight, QuantScheme, grid_params, quantize_column
+from kiln.compress.gptq import SUB_BLOCK, _effective_block, damped_cholesky_inverse
+from kiln.compress.quant import QuantizedWeight, QuantScheme, grid_params
 
 
 def _parse_nm(pattern: str) -> tuple[int, int] | None:
@@ -114,59 +115,73 @@ def sparsegpt_prune(
 
     group_size = scheme.group_size if scheme is not None else None
     bs = _aligned_block(block_size, group_size, nm[1] if nm is not None else None)
+    # GPTQ's loop (kiln.compress.gptq._quantize_columns): on Wᵀ, per-column ops in numpy, lazy
+    # updates per sub-block and per block. Sub-blocks also start where a mask window or a group
+    # starts, so masks and grids are chosen from fully updated columns.
+    Wt = W.t().contiguous()  # (in, out): column j of W is row j
+    wt, hinv = Wt.numpy(), Hinv.numpy()
+    keep = np.ones((cols, rows), dtype=bool)
+    Err = np.zeros((cols, rows), dtype=np.float32)  # (w - q) / [H⁻¹]_jj per column
     if scheme is not None:
-        width = scheme.group_width(cols)
+        width, maxq = scheme.group_width(cols), float(scheme.maxq)
         scale_g = torch.zeros(rows, scheme.groups(cols))
         zero_g = torch.zeros(rows, scheme.groups(cols))
-        codes = torch.zeros_like(W)
+        S, Z = np.zeros((scheme.groups(cols), rows), np.float32), np.zeros((scheme.groups(cols), rows), np.float32)
+        codes = np.zeros((cols, rows), dtype=np.float32)
 
-    mask = torch.ones(rows, cols, dtype=torch.bool)
-    losses = torch.zeros(rows)
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
-        W1 = W[:, i1:i2]  # a view: in-block updates are visible to the grid of a group starting inside it
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        M1 = torch.ones(W1.shape, dtype=torch.bool)  # True = kept
-        if nm is None:  # the `sparsity` fraction of lowest saliencies over the whole block
-            tmp = W1**2 / torch.diag(Hinv1).unsqueeze(0) ** 2
-            k = round(tmp.numel() * sparsity)
-            M1.view(-1)[tmp.flatten().topk(k, largest=False).indices] = False
-
-        for i in range(i2 - i1):
-            col = i1 + i
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            if nm is not None and i % nm[1] == 0:  # N lowest saliencies of the next M columns, per row
-                n, m = nm
-                tmp = W1[:, i : i + m] ** 2 / torch.diag(Hinv1)[i : i + m].unsqueeze(0) ** 2
-                M1[:, i : i + m].scatter_(1, tmp.topk(n, dim=1, largest=False).indices, False)
-
-            q = torch.where(M1[:, i], w, torch.zeros_like(w))
-            if scheme is not None:
-                g = col // width
-                if col % width == 0:  # the group's grid, from its columns as updated so far
-                    scale_g[:, g], zero_g[:, g] = grid_params(W[:, col : col + width], scheme)
-                s, z = scale_g[:, g], zero_g[:, g]
-                codes[:, col] = torch.where(M1[:, i], quantize_column(w, s, z, scheme.maxq), z)
-                q = (codes[:, col] - z) * s
-
-            Q1[:, i] = q
-            err = (w - q) / d  # (rows,)
-            losses += (w - q) ** 2 / d**2 / 2
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-        W1[:] = Q1
-        mask[:, i1:i2] = M1
+        W1, E1, H1, M1 = wt[i1:i2], Err[i1:i2], hinv[i1:i2, i1:i2], keep[i1:i2]
+        d = H1.diagonal().copy()
+        if nm is None:  # the `sparsity` fraction of lowest saliencies w² / d² over the whole block
+            sal = torch.from_numpy(W1**2 / (d**2)[:, None])
+            k = round(sal.numel() * sparsity)
+            M1.reshape(-1)[sal.flatten().topk(k, largest=False).indices.numpy()] = False
+        starts = set(range(0, i2 - i1, SUB_BLOCK))
+        if nm is not None:
+            starts |= set(range(0, i2 - i1, nm[1]))
+        if scheme is not None:
+            starts |= {c - i1 for c in range(i1, i2) if c % width == 0}
+        bounds = sorted(starts) + [i2 - i1]
+        for j1, j2 in zip(bounds, bounds[1:]):
+            for i in range(j1, j2):
+                col = i1 + i
+                if nm is not None and i % nm[1] == 0:  # N lowest saliencies of the next M columns, per row
+                    n, m = nm
+                    sal = W1[i : i + m] ** 2 / (d[i : i + m] ** 2)[:, None]
+                    np.put_along_axis(M1[i : i + m], np.argpartition(sal, n - 1, axis=0)[:n], False, axis=0)
+                w = W1[i]
+                if scheme is not None:
+                    g = col // width
+                    if col % width == 0:  # the group's grid, from its columns as updated so far
+                        s_, z_ = grid_params(Wt[col : col + width].t(), scheme)
+                        scale_g[:, g], zero_g[:, g] = s_, z_
+                        S[g], Z[g] = s_.numpy(), z_.numpy()
+                    s, z = S[g], Z[g]
+                    c = np.rint(w / s)  # quantize_column, in numpy
+                    c += z
+                    np.clip(c, 0.0, maxq, out=c)
+                    codes[col] = np.where(M1[i], c, z)
+                    q = (codes[col] - z) * s
+                else:
+                    q = np.where(M1[i], w, np.float32(0.0))
+                e = np.subtract(w, q, out=E1[i])
+                e /= d[i]
+                W1[i] = q  # its final value: no later column reads it
+                W1[i + 1 : j2] -= np.multiply.outer(H1[i, i + 1 : j2], e)
+            if j2 < i2 - i1:
+                torch.from_numpy(W1[j2:]).sub_(torch.from_numpy(H1[j1:j2, j2:]).t() @ torch.from_numpy(E1[j1:j2]))
+        if i2 < cols:
+            Wt[i2:] -= Hinv[i1:i2, i2:].t() @ torch.from_numpy(E1)
 
     qw = None
     if scheme is not None:
-        qw = QuantizedWeight(codes.to(torch.uint8), scale_g, zero_g.to(torch.uint8),
+        qw = QuantizedWeight(torch.from_numpy(codes).t().to(torch.uint8), scale_g, zero_g.to(torch.uint8),
                              scheme.bits, scheme.group_size, scheme.symmetric)
-    stats = {"loss": float(losses.sum()), "damp": damp_used, "sparsity": 1.0 - float(mask.float().mean())}
-    return W, mask, qw, stats
+    mask = torch.from_numpy(keep).t().contiguous()
+    loss = float(torch.from_numpy(Err).pow(2).sum() / 2)  # Σ (w - q)² / d² / 2
+    stats = {"loss": loss, "damp": damp_used, "sparsity": 1.0 - float(mask.float().mean())}
+    return Wt.t().contiguous(), mask, qw, stats
 
 
 def magnitude_prune(
