@@ -82,6 +82,21 @@ def test_rerun_does_no_work_and_resume_after_kill(tiny_models, tmp_path):
     assert not (run_dir / ".artifact.tmp-killed").exists()  # the killed run's leftovers are gone
 
 
+def test_calibration_batch_size_is_recorded_and_keys_the_stage(tiny_models, tmp_path):
+    """Batching changes only the order of float sums, not the method: the stage reruns (its key has
+    the batch size), the manifest says which batch size ran, and the result barely moves."""
+    r = gptq_recipe(tiny_models("llama"))
+    run_dir = tmp_path / "run"
+    first = run_json("run", str(write_recipe(tmp_path / "a.yaml", r)), "--out", str(run_dir), "--quiet")
+    r["data"]["calibration"]["batch_size"] = 3  # 8 samples: batches of 3, 3 and 2
+    second = run_json("run", str(write_recipe(tmp_path / "b.yaml", r)), "--out", str(run_dir), "--quiet")
+    assert first["stages"][0]["cached"] is False and second["stages"][0]["cached"] is False
+    manifest = json.loads((run_dir / "artifact" / "manifest.json").read_text())
+    assert manifest["data"]["calibration"]["batch_size"] == 3
+    a, b = (x["metrics"]["compressed"]["perplexity"]["wiki"] for x in (first, second))
+    assert abs(a - b) / a < 0.01
+
+
 def test_inspect_detects_a_tampered_file(tiny_models, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", gptq_recipe(tiny_models("qwen2")))
     run_json("run", str(recipe), "--out", str(tmp_path / "run"), "--quiet")

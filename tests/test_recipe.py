@@ -45,6 +45,12 @@ def test_bits_out_of_range_names_field_and_line():
     assert "r.yaml:13: compress[0].scheme.bits" in str(exc.value) and "less than or equal to 8" in str(exc.value)
 
 
+def test_calibration_batch_size_defaults_to_four_and_must_be_positive():
+    assert parse_recipe(GOOD).data.calibration.batch_size == 4
+    with pytest.raises(RecipeError, match=r"r.yaml:7: data\.calibration\.batch_size.*greater than or equal to 1"):
+        parse_recipe(GOOD.replace("    source: data.txt\n", "    source: data.txt\n    batch_size: 0\n", 1), "r.yaml")
+
+
 def test_bits_below_two():
     with pytest.raises(RecipeError, match=r"compress\[0\]\.scheme\.bits.*greater than or equal to 2"):
         parse_recipe(GOOD.replace("bits: 4", "bits: 1"))

@@ -271,7 +271,9 @@ def _run_stage(plan: Plan, sp: StagePlan, store, calib, run_dir: Path, ctx: RunC
 
                 out = run_distill(plan, store, sp.config, sp.targets, calib, tmp, ctx, sparse)
             else:
+                cal = plan.recipe.data.calibration
                 out = run_layerwise(plan.model.path, store, sp.config, sp.targets, calib, tmp, ctx,
+                                    batch_size=cal.batch_size if cal is not None else 4,
                                     trust_remote_code=plan.recipe.model.trust_remote_code, sparse=sparse)
         result = {"index": sp.index, "kind": sp.config.kind, "key": sp.key,
                   "config": sp.config.model_dump(mode="json"), "modules": sp.targets,
@@ -383,7 +385,7 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
         calib = win.ids
         calib_info = {"source": c.source, "field": c.field, "source_digest": calib_docs.digest,
                       "documents_used": win.documents_used, "samples": c.samples, "seq_len": c.seq_len,
-                      "seed": c.seed, "tokens": win.tokens, "token_digest": win.digest}
+                      "seed": c.seed, "batch_size": c.batch_size, "tokens": win.tokens, "token_digest": win.digest}
     eval_sets, eval_info = {}, {}
     for e in recipe.data.evaluation:
         docs = load_documents(e.source, e.field)
@@ -402,7 +404,7 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
     stage_stores = []
     for sp in plan.stages:
         sp.key = _key(prev, sp.config.model_dump(mode="json"), sp.targets,
-                      calib_info["token_digest"] if sp.config.needs_calibration else None)
+                      [calib_info["token_digest"], calib_info["batch_size"]] if sp.config.needs_calibration else None)
         prev = sp.key
         res = _run_stage(plan, sp, store, calib, out_dir, ctx)
         stage_results.append(res)

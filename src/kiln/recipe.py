@@ -52,6 +52,8 @@ class CalibrationConfig(Frozen):
     samples: int = Field(128, ge=1)
     seq_len: int = Field(512, ge=8)
     seed: int = 0
+    batch_size: int = Field(4, ge=1, description="samples per forward pass in the layer loop: a pass holds one "
+                            "batch's activations and temporaries at once (on CPU, 4 was both leaner and faster than 8)")
 
 
 class EvalTextConfig(Frozen):

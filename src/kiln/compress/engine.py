@@ -328,7 +328,7 @@ def _input_absmax(layer: nn.Module, module: nn.Module, inputs: LayerInputs, i: i
 
 
 def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str], calib: torch.Tensor | None,
-                  out_dir: Path, ctx: RunContext, batch_size: int = 8, trust_remote_code: bool = False,
+                  out_dir: Path, ctx: RunContext, batch_size: int = 4, trust_remote_code: bool = False,
                   sparse: frozenset[str] = frozenset()) -> StageOutput:
     """Apply `stage` to the `targets` linears, one decoder layer at a time.
 
