@@ -176,6 +176,27 @@ def gptq_quantize(
 SUB_BLOCK = 16  # columns whose updates reach each other one by one (see _quantize_columns)
 
 
+def sub_blocks(n: int, starts: set[int]) -> list[tuple[int, int]]:
+    """The sub-blocks [j1, j2) of a block of n columns: one every SUB_BLOCK columns, and one from each
+    of `starts` (a column where a grid or mask is chosen, which must see fully updated columns)."""
+    bounds = sorted(set(range(0, n, SUB_BLOCK)) | starts) + [n]
+    return list(zip(bounds, bounds[1:]))
+
+
+def codes_np(w: np.ndarray, s: np.ndarray, z: np.ndarray, maxq: float) -> np.ndarray:
+    """quant.quantize_column for numpy rows: round(w / s) + z (half to even, as torch), clamped."""
+    c = np.rint(w / s)
+    c += z
+    return np.clip(c, 0.0, maxq, out=c)
+
+
+def spread_sub_block(W1: np.ndarray, H1: np.ndarray, E1: np.ndarray, j1: int, j2: int) -> None:
+    """The errors of sub-block [j1, j2) applied to the block's later columns as one product (torch
+    here: one thread, where numpy's BLAS keeps its own pool)."""
+    if j2 < len(W1):
+        torch.from_numpy(W1[j2:]).sub_(torch.from_numpy(H1[j1:j2, j2:]).t() @ torch.from_numpy(E1[j1:j2]))
+
+
 @single_threaded
 def _quantize_columns(W, Hinv, scale_g, zero_g, order: list[int], scheme: QuantScheme, static: bool, bs: int,
                       pruned: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,22 +220,15 @@ def _quantize_columns(W, Hinv, scale_g, zero_g, order: list[int], scheme: QuantS
         i2 = min(i1 + bs, cols)
         W1, E1, H1 = wt[i1:i2], err_all[i1:i2], hinv[i1:i2, i1:i2]
         d = H1.diagonal().copy()
-        starts = set(range(0, i2 - i1, SUB_BLOCK))
-        if dynamic:
-            starts |= {c - i1 for c in range(i1, i2) if order[c] % width == 0}
-        bounds = sorted(starts) + [i2 - i1]
-        for j1, j2 in zip(bounds, bounds[1:]):
+        group_starts = {c - i1 for c in range(i1, i2) if order[c] % width == 0} if dynamic else set()
+        for j1, j2 in sub_blocks(i2 - i1, group_starts):
             for i in range(j1, j2):
                 col = i1 + i
                 g = order[col] // width
-                if dynamic and order[col] % width == 0:
-                    s_, z_ = grid_params(Wt[col : col + width].t(), scheme)
-                    scale_g[:, g], zero_g[:, g] = s_, z_
-                    S[g], Z[g] = s_.numpy(), z_.numpy()
+                if i in group_starts:
+                    S[g], Z[g] = (t.numpy() for t in grid_params(Wt[col : col + width].t(), scheme))
                 s, z, w = S[g], Z[g], W1[i]
-                q = np.rint(w / s)  # quantize_column, in numpy
-                q += z
-                np.clip(q, 0.0, maxq, out=q)
+                q = codes_np(w, s, z, maxq)
                 if prunedt is not None:
                     q = np.where(prunedt[col], z, q)
                 cd[col] = q
@@ -223,9 +237,11 @@ def _quantize_columns(W, Hinv, scale_g, zero_g, order: list[int], scheme: QuantS
                 e = np.subtract(w, q, out=E1[i])
                 e /= d[i]
                 W1[i + 1 : j2] -= np.multiply.outer(H1[i, i + 1 : j2], e)
-            if j2 < i2 - i1:  # torch here: one thread (numpy's BLAS keeps its own pool)
-                torch.from_numpy(W1[j2:]).sub_(torch.from_numpy(H1[j1:j2, j2:]).t() @ torch.from_numpy(E1[j1:j2]))
+            spread_sub_block(W1, H1, E1, j1, j2)
         if i2 < cols:
             Wt[i2:] -= Hinv[i1:i2, i2:].t() @ Err[i1:i2]
+    if dynamic:
+        scale_g.copy_(torch.from_numpy(S).t())
+        zero_g.copy_(torch.from_numpy(Z).t())
     losses = Err.pow(2).sum(0) / 2  # Σ (w - q)² / [H⁻¹]_ii² / 2 per row
     return codes.t(), losses

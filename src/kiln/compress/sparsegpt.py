@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 
 from kiln.context import single_threaded
 from kiln.compress.base import StageConfig, WeightResult
-from kiln.compress.gptq import SUB_BLOCK, _effective_block, damped_cholesky_inverse
+from kiln.compress.gptq import _effective_block, codes_np, damped_cholesky_inverse, spread_sub_block, sub_blocks
 from kiln.compress.quant import QuantizedWeight, QuantScheme, grid_params
 
 
@@ -124,9 +124,8 @@ def sparsegpt_prune(
     Err = np.zeros((cols, rows), dtype=np.float32)  # (w - q) / [H⁻¹]_jj per column
     if scheme is not None:
         width, maxq = scheme.group_width(cols), float(scheme.maxq)
-        scale_g = torch.zeros(rows, scheme.groups(cols))
-        zero_g = torch.zeros(rows, scheme.groups(cols))
-        S, Z = np.zeros((scheme.groups(cols), rows), np.float32), np.zeros((scheme.groups(cols), rows), np.float32)
+        S = np.zeros((scheme.groups(cols), rows), np.float32)  # (G, out): a group's scales are one row
+        Z = np.zeros_like(S)
         codes = np.zeros((cols, rows), dtype=np.float32)
 
     for i1 in range(0, cols, bs):
@@ -137,13 +136,10 @@ def sparsegpt_prune(
             sal = torch.from_numpy(W1**2 / (d**2)[:, None])
             k = round(sal.numel() * sparsity)
             M1.reshape(-1)[sal.flatten().topk(k, largest=False).indices.numpy()] = False
-        starts = set(range(0, i2 - i1, SUB_BLOCK))
-        if nm is not None:
-            starts |= set(range(0, i2 - i1, nm[1]))
+        starts = set(range(0, i2 - i1, nm[1])) if nm is not None else set()
         if scheme is not None:
             starts |= {c - i1 for c in range(i1, i2) if c % width == 0}
-        bounds = sorted(starts) + [i2 - i1]
-        for j1, j2 in zip(bounds, bounds[1:]):
+        for j1, j2 in sub_blocks(i2 - i1, starts):
             for i in range(j1, j2):
                 col = i1 + i
                 if nm is not None and i % nm[1] == 0:  # N lowest saliencies of the next M columns, per row
@@ -154,14 +150,9 @@ def sparsegpt_prune(
                 if scheme is not None:
                     g = col // width
                     if col % width == 0:  # the group's grid, from its columns as updated so far
-                        s_, z_ = grid_params(Wt[col : col + width].t(), scheme)
-                        scale_g[:, g], zero_g[:, g] = s_, z_
-                        S[g], Z[g] = s_.numpy(), z_.numpy()
+                        S[g], Z[g] = (t.numpy() for t in grid_params(Wt[col : col + width].t(), scheme))
                     s, z = S[g], Z[g]
-                    c = np.rint(w / s)  # quantize_column, in numpy
-                    c += z
-                    np.clip(c, 0.0, maxq, out=c)
-                    codes[col] = np.where(M1[i], c, z)
+                    codes[col] = np.where(M1[i], codes_np(w, s, z, maxq), z)
                     q = (codes[col] - z) * s
                 else:
                     q = np.where(M1[i], w, np.float32(0.0))
@@ -169,14 +160,14 @@ def sparsegpt_prune(
                 e /= d[i]
                 W1[i] = q  # its final value: no later column reads it
                 W1[i + 1 : j2] -= np.multiply.outer(H1[i, i + 1 : j2], e)
-            if j2 < i2 - i1:
-                torch.from_numpy(W1[j2:]).sub_(torch.from_numpy(H1[j1:j2, j2:]).t() @ torch.from_numpy(E1[j1:j2]))
+            spread_sub_block(W1, H1, E1, j1, j2)
         if i2 < cols:
             Wt[i2:] -= Hinv[i1:i2, i2:].t() @ torch.from_numpy(E1)
 
     qw = None
     if scheme is not None:
-        qw = QuantizedWeight(torch.from_numpy(codes).t().to(torch.uint8), scale_g, zero_g.to(torch.uint8),
+        qw = QuantizedWeight(torch.from_numpy(codes).t().to(torch.uint8), torch.from_numpy(S).t().contiguous(),
+                             torch.from_numpy(Z).t().to(torch.uint8),
                              scheme.bits, scheme.group_size, scheme.symmetric)
     mask = torch.from_numpy(keep).t().contiguous()
     loss = float(torch.from_numpy(Err).pow(2).sum() / 2)  # Σ (w - q)² / d² / 2
