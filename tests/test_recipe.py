@@ -45,6 +45,14 @@ def test_bits_out_of_range_names_field_and_line():
     assert "r.yaml:13: compress[0].scheme.bits" in str(exc.value) and "less than or equal to 8" in str(exc.value)
 
 
+def test_low_memory_is_off_by_default_and_a_bool():
+    assert parse_recipe(GOOD).data.calibration.low_memory is False
+    on = parse_recipe(GOOD.replace("    source: data.txt\n", "    source: data.txt\n    low_memory: true\n", 1))
+    assert on.data.calibration.low_memory is True
+    with pytest.raises(RecipeError, match=r"r.yaml:7: data\.calibration\.low_memory.*valid boolean"):
+        parse_recipe(GOOD.replace("    source: data.txt\n", "    source: data.txt\n    low_memory: sometimes\n", 1), "r.yaml")
+
+
 def test_calibration_batch_size_defaults_to_four_and_must_be_positive():
     assert parse_recipe(GOOD).data.calibration.batch_size == 4
     with pytest.raises(RecipeError, match=r"r.yaml:7: data\.calibration\.batch_size.*greater than or equal to 1"):

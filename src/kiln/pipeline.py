@@ -274,6 +274,7 @@ def _run_stage(plan: Plan, sp: StagePlan, store, calib, run_dir: Path, ctx: RunC
                 cal = plan.recipe.data.calibration
                 out = run_layerwise(plan.model.path, store, sp.config, sp.targets, calib, tmp, ctx,
                                     batch_size=cal.batch_size if cal is not None else 4,
+                                    low_memory=cal.low_memory if cal is not None else False,
                                     trust_remote_code=plan.recipe.model.trust_remote_code, sparse=sparse)
         result = {"index": sp.index, "kind": sp.config.kind, "key": sp.key,
                   "config": sp.config.model_dump(mode="json"), "modules": sp.targets,
@@ -385,7 +386,7 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
         calib = win.ids
         calib_info = {"source": c.source, "field": c.field, "source_digest": calib_docs.digest,
                       "documents_used": win.documents_used, "samples": c.samples, "seq_len": c.seq_len,
-                      "seed": c.seed, "batch_size": c.batch_size, "tokens": win.tokens, "token_digest": win.digest}
+                      "seed": c.seed, "batch_size": c.batch_size, "low_memory": c.low_memory, "tokens": win.tokens, "token_digest": win.digest}
     eval_sets, eval_info = {}, {}
     for e in recipe.data.evaluation:
         docs = load_documents(e.source, e.field)

@@ -54,6 +54,9 @@ class CalibrationConfig(Frozen):
     seed: int = 0
     batch_size: int = Field(4, ge=1, description="samples per forward pass in the layer loop: a pass holds one "
                             "batch's activations and temporaries at once (on CPU, 4 was both leaner and faster than 8)")
+    low_memory: bool = Field(False, description="recompute each layer's MLP in its last pass instead of keeping "
+                             "what entered its last linear, and give freed memory back to the OS after every pass: "
+                             "the same results with less memory and more time")
 
 
 class EvalTextConfig(Frozen):

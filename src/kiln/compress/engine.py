@@ -54,6 +54,37 @@ def _slab(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
     return [v.view(s) for v, s in zip(flat.split(sizes), shapes)]
 
 
+class SlabPool:
+    """Flat float32 buffers lent out as slabs and taken back, kept from one layer to the next: every
+    layer saves the same shapes, and memory the process already touched copies in several times
+    faster than fresh pages. A request takes the smallest free buffer that holds it, so slabs whose
+    lives do not overlap (attention's saved inputs, folded away before the MLP's are saved) share one
+    buffer; when none holds it, the free ones are dropped and one of the new size is made. A pool
+    that does not `retain` frees what it gets back: the least memory, fresh pages every layer."""
+
+    def __init__(self, retain: bool = True):
+        self.free: list[torch.Tensor] = []
+        self.retain = retain
+
+    def take(self, shapes: list[tuple[int, ...]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        sizes = [math.prod(s) for s in shapes]
+        fits = [b for b in self.free if b.numel() >= sum(sizes)]
+        if fits:
+            flat = min(fits, key=torch.Tensor.numel)
+            self.free.remove(flat)
+        else:
+            self.free.clear()
+            flat = torch.empty(sum(sizes))
+        return flat, [v.view(s) for v, s in zip(flat[: sum(sizes)].split(sizes), shapes)]
+
+    def give_back(self, flat: torch.Tensor) -> None:
+        if self.retain:
+            self.free.append(flat)
+
+    def clear(self) -> None:
+        self.free.clear()
+
+
 @functools.cache
 def _malloc_trim():
     """glibc's malloc_trim, or None where the C library has none."""
@@ -96,15 +127,20 @@ def check_finite(module: nn.Module, prefix: str) -> None:
 
 
 def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.Tensor, batch_size: int) -> LayerInputs:
-    """Run the model's own forward with every decoder layer replaced by a recorder; the last one stops it."""
+    """Run the model's own forward with every decoder layer replaced by a recorder; the last one stops it.
+    Layer 0's inputs go straight into one slab, made when the first batch shows their width."""
     n = len(layers)
+    counts = [len(calib[b : b + batch_size]) for b in range(0, calib.shape[0], batch_size)]
     hidden: list[torch.Tensor] = []
     extras: list[list] = [[] for _ in range(n)]
 
     def recorder(i: int):
         def forward(*args, **kwargs):
             if i == 0:
-                hidden.append(args[0].detach())
+                x = args[0].detach()
+                if not hidden:
+                    hidden.extend(_slab([(c, *x.shape[1:]) for c in counts]))
+                hidden[len(extras[0])].copy_(x)
             kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
             extras[i].append((tuple(args[1:]), kwargs))
             if i == n - 1:
@@ -124,10 +160,7 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.T
     finally:
         for layer in layers:
             del layer.forward
-    kept = _slab([h.shape for h in hidden])
-    for dst, src in zip(kept, hidden):
-        dst.copy_(src)
-    return LayerInputs(kept, extras)
+    return LayerInputs(hidden, extras)
 
 
 def _run_layer(layer: nn.Module, inputs: LayerInputs, i: int, before_batch=None, stop_at: nn.Module | None = None,
@@ -231,19 +264,44 @@ def _probe(layer: nn.Module, prefix: str, mods: dict[str, nn.Module], inputs: La
     return steps + [[n] for n in mods if n not in feeds], tails  # never reached (should not happen): last
 
 
+def _find_fold(layer: nn.Module, model: nn.Module, tails: dict[str, _Tail], inputs: LayerInputs, i: int) -> tuple[str, str] | None:
+    """(attention's last linear, the MLP's) when the layer adds what its first tail returns (after
+    any norm of its own) to its input and the rest of the layer works on that sum alone: then
+    layer(h) is layer′(layer″(h)), where the MLP adds nothing in layer″ and attention nothing in
+    layer′ — exactly, checked on the first calibration batch. True of pre-norm decoders; not of
+    parallel attention/MLP blocks or post-norm ones, which keep attention's saved inputs instead."""
+    if len(tails) < 2:
+        return None
+    (first, t1), (last, t2) = list(tails.items())[0], list(tails.items())[-1]
+    one = LayerInputs(inputs.hidden[:1], [[] for _ in inputs.extras])
+    one.extras[i] = inputs.extras[i][:1]
+    zeros = _Replays(layer, model, one.hidden)
+    try:
+        y = _run_layer(layer, one, i)
+        zeros.zero(t2)
+        h1 = _run_layer(layer, one, i)
+        zeros.unpatch(t2)
+        zeros.zero(t1)
+        y2 = _run_layer(layer, LayerInputs(h1, one.extras), i)
+    except (RuntimeError, TypeError, ValueError, IndexError, AttributeError):
+        return None  # the layer does not take zeros there
+    finally:
+        zeros.close()
+    return (first, last) if y[0].shape == y2[0].shape and torch.equal(y[0], y2[0]) else None
+
+
 class _Replays:
-    """The submodules of one layer being replayed (see _Tail), and which calibration batch runs."""
+    """The submodules of one layer being replayed (see _Tail) or folded away, and which calibration
+    batch runs."""
 
     def __init__(self, layer: nn.Module, model: nn.Module, hidden: list[torch.Tensor],
-                 pool: dict | None = None):
+                 pool: SlabPool | None = None):
         self.layer, self.model, self.hidden, self.batch = layer, model, hidden, 0
         self.saved: dict[str, list[torch.Tensor]] = {}  # linear → its input per batch (output once memoized)
-        # slabs by shape, handed from one layer to the next: every layer saves the same shapes, and
-        # memory the process already touched copies in several times faster than fresh pages
-        self.pool = {} if pool is None else pool
-        self.slabs: list[tuple[tuple, list[torch.Tensor]]] = []
+        self.pool = SlabPool() if pool is None else pool
+        self.buffers: dict[str, torch.Tensor] = {}  # linear → the pool buffer its slab lives in
         self.done: dict[str, set[int]] = {}
-        self.patched: list[nn.Module] = []
+        self.patched: set[nn.Module] = set()
 
     def record(self, linear: str, module: nn.Module):
         """A pre-hook keeping what enters `linear` in every batch of the pass that stops before it
@@ -254,10 +312,7 @@ class _Replays:
         def keep(module, args):
             x, b = args[0].detach(), self.batch
             if not saved and x.shape[:-1] == self.hidden[b].shape[:-1]:
-                key = tuple((*h.shape[:-1], x.shape[-1]) for h in self.hidden)
-                free = self.pool.get(key)
-                slab = free.pop() if free else _slab(list(key))
-                self.slabs.append((key, slab))
+                self.buffers[linear], slab = self.pool.take([(*h.shape[:-1], x.shape[-1]) for h in self.hidden])
                 saved.extend(slab)
             elif not saved:
                 saved.extend([None] * len(self.hidden))
@@ -271,7 +326,6 @@ class _Replays:
         """From now on, `tail` returns `linear` (as it is now, W8A8 form included) of the saved inputs:
         computed once per batch and kept in place of them where the shapes agree (o_proj), computed
         per call otherwise (down_proj, whose output only the last pass needs)."""
-        sub = self.layer.get_submodule(tail.path)
         saved, done = self.saved[linear], self.done[linear]
 
         def forward(*args, **kwargs):
@@ -285,18 +339,53 @@ class _Replays:
                     done.add(b)
             return y if tail.arity is None else (y,) + (None,) * (tail.arity - 1)
 
+        self._patch(tail, forward)
+
+    def zero(self, tail: _Tail) -> None:
+        """From now on, `tail` adds nothing: it returns zeros shaped like the layer's input."""
+        def forward(*args, **kwargs):
+            y = torch.zeros_like(self.hidden[self.batch])
+            return y if tail.arity is None else (y,) + (None,) * (tail.arity - 1)
+
+        self._patch(tail, forward)
+
+    def unpatch(self, tail: _Tail) -> None:
+        sub = self.layer.get_submodule(tail.path)
+        if sub in self.patched:
+            del sub.forward
+            self.patched.discard(sub)
+
+    def _patch(self, tail: _Tail, forward) -> None:
+        sub = self.layer.get_submodule(tail.path)
         sub.forward = forward
-        self.patched.append(sub)
+        self.patched.add(sub)
+
+    def fold(self, linear: str, tail: _Tail, later: _Tail, run_in_place) -> None:
+        """Add the replayed `tail`'s contribution into the activations themselves, once: one pass
+        with `later` (the MLP) adding nothing turns each layer input h into h + attention(h), the
+        input that the rest of the layer works on (_probe checked that the layer is built so).
+        Later passes get h + attention(h) with `tail` adding nothing, and the saved inputs go back
+        to the pool before the MLP's are saved."""
+        self.zero(later)
+        try:
+            run_in_place()
+        finally:
+            self.unpatch(later)
+        self.zero(tail)
+        self.release(linear)
+
+    def release(self, linear: str) -> None:
+        self.saved.pop(linear, None)
+        self.done.pop(linear, None)
+        if linear in self.buffers:
+            self.pool.give_back(self.buffers.pop(linear))
 
     def close(self) -> None:
         for sub in self.patched:
             del sub.forward
         self.patched.clear()
-        self.saved.clear()
-        for key, slab in self.slabs:
-            self.pool.setdefault(key, []).append(slab)
-        self.slabs.clear()
-        self.done.clear()
+        for linear in list(self.saved):
+            self.release(linear)
 
 
 def _collect_inputs(layer: nn.Module, module: nn.Module, inputs: LayerInputs, i: int, max_tokens: int) -> torch.Tensor:
@@ -329,7 +418,7 @@ def _input_absmax(layer: nn.Module, module: nn.Module, inputs: LayerInputs, i: i
 
 def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str], calib: torch.Tensor | None,
                   out_dir: Path, ctx: RunContext, batch_size: int = 4, trust_remote_code: bool = False,
-                  sparse: frozenset[str] = frozenset()) -> StageOutput:
+                  sparse: frozenset[str] = frozenset(), low_memory: bool = False) -> StageOutput:
     """Apply `stage` to the `targets` linears, one decoder layer at a time.
 
     "weights" stages get (W, H, name, keep) per linear; "smoothing" stages get each norm→linear group
@@ -363,7 +452,7 @@ def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str]
         by_layer.setdefault(idx, []).append(t)
 
     probes: dict = {}
-    slabs: dict = {}  # saved-input slabs by shape, reused by every layer (see _Replays)
+    slabs = SlabPool(retain=not low_memory)  # saved-input slabs, reused by every layer (see _Replays)
     with ctx.progress(f"{stage.kind}: layers", layout.num_layers) as advance:
         for i in range(layout.num_layers):
             names = by_layer.get(i, [])
@@ -378,7 +467,7 @@ def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str]
             quantized: dict[str, tuple] = {}
             if names and stage.role == "weights":
                 _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out, propagate=True, probes=probes,
-                               slabs=slabs)
+                               slabs=slabs, low_memory=low_memory)
             else:
                 if names and stage.role == "smoothing":
                     _smoothing_stage(model, layout, layer, i, set(names), stage, inputs, out)
@@ -483,7 +572,8 @@ def _int8_inputs(model: nn.Module, quantized: dict[str, tuple]):
 
 
 def _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out, propagate: bool = False,
-                   probes: dict | None = None, replay: bool = True, slabs: dict | None = None) -> None:
+                   probes: dict | None = None, replay: bool = True, slabs: SlabPool | None = None,
+                   low_memory: bool = False) -> None:
     """Rewrite the layer's `names` linears; with calibration inputs and `sequential`, in steps (see
     _probe), each step's H taken from inputs through the steps already rewritten. W8A8 linears run as
     int8 from the moment they are rewritten, as at inference. With `propagate`, the calibration
@@ -492,22 +582,30 @@ def _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out
     Each pass stops before the step it calibrates, and a submodule whose last linear is final is
     replayed from that linear's saved inputs (_Tail), so a layer costs about one plain forward over
     the calibration set plus the Hessians (`replay=False` runs every pass in full: the same numbers,
-    slower). `probes` caches _probe's answer per layer structure."""
+    slower). `probes` caches _probe's answer per layer structure. `low_memory` recomputes the MLP in
+    the last pass instead of keeping its last linear's inputs, and gives freed memory back to the OS
+    after every pass: the same numbers, less memory, more time."""
     mods = {n_: model.get_submodule(n_) for n_ in names}
-    steps, tails = [names], {}
+    steps, tails, fold = [names], {}, None
     if inputs is not None and getattr(stage, "sequential", False):
         prefix = module_name(model, layer)
         key = (type(layer).__name__, tuple(n_[len(prefix):] for n_ in names))
         probes = {} if probes is None else probes
         if key not in probes:  # kept relative to the layer, so that the next layer can use them
             found_steps, found_tails = _probe(layer, prefix, mods, inputs, i)
+            found_fold = _find_fold(layer, model, found_tails, inputs, i)
             probes[key] = ([[n_[len(prefix):] for n_ in st] for st in found_steps],
-                           {n_[len(prefix):]: t for n_, t in found_tails.items()})
-        rel_steps, rel_tails = probes[key]
+                           {n_[len(prefix):]: t for n_, t in found_tails.items()},
+                           tuple(n_[len(prefix):] for n_ in found_fold) if found_fold else None)
+        rel_steps, rel_tails, rel_fold = probes[key]
         steps = [[prefix + r for r in st] for st in rel_steps]
         tails = {prefix + r: t for r, t in rel_tails.items()}
+        if rel_fold and propagate and replay:  # folding rewrites the activations: only when they propagate
+            fold = (prefix + rel_fold[0], tails[prefix + rel_fold[1]])
         if not replay:
             tails = {}
+        elif low_memory:  # the MLP's inputs: recomputed by the last pass instead of kept
+            tails.pop(steps[-1][0], None)
     replays = _Replays(layer, model, inputs.hidden if inputs is not None else [], slabs)
     with ExitStack() as int8:
         try:
@@ -534,6 +632,8 @@ def _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out
                         hooks.remove()
                         if record is not None:
                             record.remove()
+                    if low_memory:
+                        _trim_heap()  # the pass's temporaries, before the rewrite allocates its own
                 rewritten = len(quantized)
                 if hooks is not None and len(steps) > 1:  # the step's linears share one H
                     _rewrite_linears([mods[n_] for n_ in step], step, hooks.hessian(step[0]), stage, sparse, quantized, out)
@@ -543,6 +643,9 @@ def _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out
                 int8.enter_context(_int8_inputs(model, dict(list(quantized.items())[rewritten:])))
                 if step[0] in tails:
                     replays.replay(step[0], tails[step[0]])
+                if fold is not None and step[0] == fold[0]:
+                    replays.fold(fold[0], tails[fold[0]], fold[1],
+                                 lambda: _run_layer(layer, inputs, i, before_batch=lambda b: setattr(replays, "batch", b), in_place=True))
             if propagate and inputs is not None:
                 _run_layer(layer, inputs, i, before_batch=lambda b: setattr(replays, "batch", b), in_place=True)
         finally:
