@@ -49,9 +49,13 @@ def _slab(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
     across passes (activations, saved inputs) lives in slabs: malloc maps a large block on its own
     and gives it back whole, where per-batch blocks kept between each pass's freed temporaries
     fragment the heap (on SmolLM2 that held hundreds of MiB)."""
+    return _views(torch.empty(sum(math.prod(s) for s in shapes)), shapes)
+
+
+def _views(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    """Consecutive views of `flat`'s first elements, one per shape."""
     sizes = [math.prod(s) for s in shapes]
-    flat = torch.empty(sum(sizes))
-    return [v.view(s) for v, s in zip(flat.split(sizes), shapes)]
+    return [v.view(s) for v, s in zip(flat[: sum(sizes)].split(sizes), shapes)]
 
 
 class SlabPool:
@@ -67,15 +71,15 @@ class SlabPool:
         self.retain = retain
 
     def take(self, shapes: list[tuple[int, ...]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        sizes = [math.prod(s) for s in shapes]
-        fits = [b for b in self.free if b.numel() >= sum(sizes)]
+        need = sum(math.prod(s) for s in shapes)
+        fits = [b for b in self.free if b.numel() >= need]
         if fits:
             flat = min(fits, key=torch.Tensor.numel)
             self.free.remove(flat)
         else:
             self.free.clear()
-            flat = torch.empty(sum(sizes))
-        return flat, [v.view(s) for v, s in zip(flat[: sum(sizes)].split(sizes), shapes)]
+            flat = torch.empty(need)
+        return flat, _views(flat, shapes)
 
     def give_back(self, flat: torch.Tensor) -> None:
         if self.retain:
