@@ -51,3 +51,33 @@ def test_streamed_shards_read_back_with_safetensors(tmp_path):
         back.update(load_file(tmp_path / f))
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
     assert not list(tmp_path.glob(".shard-*"))
+
+
+def test_large_tensors_stream_from_the_store_in_row_blocks(tmp_path):
+    """A dense tensor goes from the source file to the artifact in row blocks (an embedding is never
+    in memory whole): the bytes are those of converting the whole tensor at once."""
+    from safetensors.torch import load_file, save_file
+
+    from kiln.artifact import _ShardWriter
+    from kiln.model import WeightStore
+
+    g = torch.Generator().manual_seed(0)
+    src = {"emb.weight": torch.randn(37, 6, generator=g), "norm.weight": torch.randn(6, generator=g),
+           "ids": torch.arange(5), "scalar": torch.tensor(3.0)}
+    save_file(src, str(tmp_path / "model.safetensors"))
+    store = WeightStore(tmp_path)
+    shape, dtype, blocks = store.dense_rows("emb.weight", max_bytes=10 * 6 * 4)  # 10 rows a block
+    blocks = list(blocks)
+    assert shape == [37, 6] and dtype == torch.float32 and [len(b) for b in blocks] == [10, 10, 10, 7]
+    assert store.dense_rows("scalar") is None  # 0-d: read whole
+
+    out = tmp_path / "out"
+    out.mkdir()
+    w = _ShardWriter(out)
+    w.add_rows("emb.weight", shape, torch.float16, iter(blocks))
+    w.add_rows("ids", [5], torch.int64, store.dense_rows("ids")[2])
+    w.finish()
+    back = load_file(out / "model.safetensors")
+    assert torch.equal(back["emb.weight"], src["emb.weight"].half()) and torch.equal(back["ids"], src["ids"])
+    with pytest.raises(ValueError, match="bytes written for shape"):  # blocks that do not add up
+        _ShardWriter(out).add_rows("x", [4, 6], torch.float16, [torch.zeros(3, 6)])

@@ -80,6 +80,27 @@ class WeightStore:
     def quant_info(self, weight_name: str) -> dict | None:
         return self._quant_meta.get(weight_name)
 
+    def dense_rows(self, name: str, max_bytes: int = 16 * 2**20):
+        """A dense tensor's shape and dtype, and its rows (dim 0) in consecutive blocks of about
+        `max_bytes`, read by slices: a large embedding is never in memory whole. None for a
+        quantized weight or a 0-d tensor."""
+        if name in self._quant_meta or name not in self._files:
+            return None
+        with safe_open(self._files[name], "pt") as h:
+            sl = h.get_slice(name)
+            shape = list(sl.get_shape())
+            if not shape:
+                return None
+            first = sl[0:1]
+        step = max(1, max_bytes // max(1, first.numel() * first.element_size()))
+
+        def blocks():
+            with safe_open(self._files[name], "pt") as h:
+                sl = h.get_slice(name)
+                for a in range(0, shape[0], step):
+                    yield self._round(sl[a : a + step])
+        return shape, first.dtype, blocks()
+
     def get(self, name: str) -> torch.Tensor:
         m = self._quant_meta.get(name)
         if m is not None:

@@ -4,6 +4,7 @@ sibling folder and renamed into place, so an interrupted run never leaves half a
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -83,16 +84,26 @@ class _ShardWriter:
         self.offset = 0
 
     def add(self, name: str, t: torch.Tensor) -> None:
+        self.add_rows(name, list(t.shape), t.dtype, [t])
+
+    def add_rows(self, name: str, shape: list[int], dtype: torch.dtype, blocks) -> None:
+        """One tensor from consecutive row blocks (each converted to `dtype` as it comes)."""
         if name in self.written:  # a tied tensor reached under both of its names
             return
         self.written.add(name)
-        t = t.detach().contiguous().cpu()
-        nbytes = t.numel() * t.element_size()
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
         if self.header and self.offset + nbytes > self.shard_bytes:
             self._close()
             self._open()
-        self.fh.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if nbytes else b"")
-        self.header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [self.offset, self.offset + nbytes]}
+        written = 0
+        for t in blocks:
+            t = t.detach().to(dtype).contiguous().cpu()
+            written += t.numel() * t.element_size()
+            if t.numel():
+                self.fh.write(t.reshape(-1).view(torch.uint8).numpy())
+        if written != nbytes:
+            raise ValueError(f"{name}: {written} bytes written for shape {shape} {dtype}")
+        self.header[name] = {"dtype": _ST_DTYPES[dtype], "shape": shape, "data_offsets": [self.offset, self.offset + nbytes]}
         self.offset += nbytes
 
     def _close(self) -> None:
@@ -140,8 +151,13 @@ def build_checkpoint(root: Path, model_dir: Path, store, quantized: dict[str, di
                 writer.add(k, t)
             groups.setdefault((q.bits, q.group_size, info["symmetric"], act), []).append(mod)
             continue
-        t = store.get(name)
-        writer.add(tied.get(name, name), t.to(dtype) if t.is_floating_point() else t)
+        rows = store.dense_rows(name)
+        if rows is None:
+            t = store.get(name)
+            writer.add(tied.get(name, name), t.to(dtype) if t.is_floating_point() else t)
+        else:
+            shape, src, blocks = rows
+            writer.add_rows(tied.get(name, name), shape, dtype if src.is_floating_point else src, blocks)
     writer.finish()
 
     cfg = json.loads((model_dir / "config.json").read_text())
