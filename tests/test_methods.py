@@ -452,6 +452,27 @@ def test_replayed_passes_give_what_full_passes_give(arch, w8a8):
         assert len(pools[2].free) == 1 and saved_mib(pools[2]) == hidden_mib < saved_mib(pools[1])
 
 
+def test_slab_pool_lends_the_smallest_buffer_that_holds_a_request():
+    from kiln.compress.engine import SlabPool
+
+    pool = SlabPool()
+    small, views = pool.take([(2, 3), (1, 3)])
+    large, _ = pool.take([(4, 5)])
+    assert [tuple(v.shape) for v in views] == [(2, 3), (1, 3)] and small.numel() == 9 and large.numel() == 20
+    views[1].fill_(7.0)
+    assert small[6:].eq(7.0).all() and small[:6].ne(7.0).all()  # views of one buffer, in order
+    pool.give_back(small)
+    pool.give_back(large)
+    again, _ = pool.take([(3, 4)])  # 12 elements: the larger buffer, the smaller stays free
+    assert again is large and len(pool.free) == 1 and pool.free[0] is small
+    bigger, _ = pool.take([(10, 10)])  # nothing holds it: the free ones are dropped
+    assert bigger.numel() == 100 and pool.free == []
+    lean = SlabPool(retain=False)
+    buf, _ = lean.take([(2, 2)])
+    lean.give_back(buf)
+    assert lean.free == []
+
+
 def _hessians(layer, mods, inputs):
     """H of each module's inputs over one plain run of the layer (layer 0's calibration batches)."""
     from kiln.arch import in_out_features

@@ -75,7 +75,7 @@ class SlabPool:
         fits = [b for b in self.free if b.numel() >= need]
         if fits:
             flat = min(fits, key=torch.Tensor.numel)
-            self.free.remove(flat)
+            self.free = [b for b in self.free if b is not flat]  # by identity: == on tensors is elementwise
         else:
             self.free.clear()
             flat = torch.empty(need)
