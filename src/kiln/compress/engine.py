@@ -367,7 +367,7 @@ class _Replays:
     def fold(self, linear: str, tail: _Tail, later: _Tail, run_in_place) -> None:
         """Add the replayed `tail`'s contribution into the activations themselves, once: one pass
         with `later` (the MLP) adding nothing turns each layer input h into h + attention(h), the
-        input that the rest of the layer works on (_probe checked that the layer is built so).
+        input that the rest of the layer works on (_find_fold checked that the layer is built so).
         Later passes get h + attention(h) with `tail` adding nothing, and the saved inputs go back
         to the pool before the MLP's are saved."""
         self.zero(later)
