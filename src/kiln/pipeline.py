@@ -271,11 +271,10 @@ def _run_stage(plan: Plan, sp: StagePlan, store, calib, run_dir: Path, ctx: RunC
 
                 out = run_distill(plan, store, sp.config, sp.targets, calib, tmp, ctx, sparse)
             else:
-                cal = plan.recipe.data.calibration
+                cal = plan.recipe.data.calibration  # None: no stage needs calibration passes
+                passes = {} if cal is None else {"batch_size": cal.batch_size, "low_memory": cal.low_memory}
                 out = run_layerwise(plan.model.path, store, sp.config, sp.targets, calib, tmp, ctx,
-                                    batch_size=cal.batch_size if cal is not None else 4,
-                                    low_memory=cal.low_memory if cal is not None else False,
-                                    trust_remote_code=plan.recipe.model.trust_remote_code, sparse=sparse)
+                                    trust_remote_code=plan.recipe.model.trust_remote_code, sparse=sparse, **passes)
         result = {"index": sp.index, "kind": sp.config.kind, "key": sp.key,
                   "config": sp.config.model_dump(mode="json"), "modules": sp.targets,
                   "module_stats": out.modules, "extra": out.extra, "files": [f.name for f in out.files], **m.as_dict()}

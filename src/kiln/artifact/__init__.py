@@ -91,7 +91,7 @@ class _ShardWriter:
         if name in self.written:  # a tied tensor reached under both of its names
             return
         self.written.add(name)
-        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if self.header and self.offset + nbytes > self.shard_bytes:
             self._close()
             self._open()

@@ -43,6 +43,12 @@ class LayerInputs:
     hidden: list[torch.Tensor]  # one (B, L, d) tensor per calibration batch
     extras: list[list[tuple[tuple, dict]]]  # [layer][batch] → (args after hidden, kwargs)
 
+    def first_batch(self, i: int) -> LayerInputs:
+        """Layer i's inputs for the first calibration batch alone (for probing the layer)."""
+        extras: list[list] = [[] for _ in self.extras]
+        extras[i] = self.extras[i][:1]
+        return LayerInputs(self.hidden[:1], extras)
+
 
 def _slab(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
     """Zeroless float32 tensors of these shapes, views into one allocation. What the engine keeps
@@ -235,9 +241,7 @@ def _probe(layer: nn.Module, prefix: str, mods: dict[str, nn.Module], inputs: La
     handles = [m.register_forward_pre_hook(pre(n)) for n, m in mods.items()]
     handles += [m.register_forward_hook(post(p)) for p, m in layer.named_modules() if p]
     try:
-        one = LayerInputs(inputs.hidden[:1], [[] for _ in inputs.extras])
-        one.extras[i] = inputs.extras[i][:1]
-        _run_layer(layer, one, i)
+        _run_layer(layer, inputs.first_batch(i), i)
     finally:
         for h in handles:
             h.remove()
@@ -277,8 +281,7 @@ def _find_fold(layer: nn.Module, model: nn.Module, tails: dict[str, _Tail], inpu
     if len(tails) < 2:
         return None
     (first, t1), (last, t2) = list(tails.items())[0], list(tails.items())[-1]
-    one = LayerInputs(inputs.hidden[:1], [[] for _ in inputs.extras])
-    one.extras[i] = inputs.extras[i][:1]
+    one = inputs.first_batch(i)
     zeros = _Replays(layer, model, one.hidden)
     try:
         y = _run_layer(layer, one, i)
@@ -611,6 +614,10 @@ def _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out
         elif low_memory:  # the MLP's inputs: recomputed by the last pass instead of kept
             tails.pop(steps[-1][0], None)
     replays = _Replays(layer, model, inputs.hidden if inputs is not None else [], slabs)
+
+    def propagate_in_place():  # the activations become what the layer, as it now is, makes of them
+        _run_layer(layer, inputs, i, before_batch=lambda b: setattr(replays, "batch", b), in_place=True)
+
     with ExitStack() as int8:
         try:
             for step in steps:
@@ -648,10 +655,9 @@ def _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out
                 if step[0] in tails:
                     replays.replay(step[0], tails[step[0]])
                 if fold is not None and step[0] == fold[0]:
-                    replays.fold(fold[0], tails[fold[0]], fold[1],
-                                 lambda: _run_layer(layer, inputs, i, before_batch=lambda b: setattr(replays, "batch", b), in_place=True))
+                    replays.fold(fold[0], tails[fold[0]], fold[1], propagate_in_place)
             if propagate and inputs is not None:
-                _run_layer(layer, inputs, i, before_batch=lambda b: setattr(replays, "batch", b), in_place=True)
+                propagate_in_place()
         finally:
             replays.close()
 
@@ -677,7 +683,7 @@ def _rewrite_linears(mods: list[nn.Module], names: list[str], H, stage, sparse, 
 def _smoothing_stage(model, layout, layer, i, names: set[str], stage, inputs, out) -> None:
     from kiln.arch import smoothing_groups
 
-    groups = smoothing_groups(model, layout, i, trace=lambda: _run_layer(layer, LayerInputs(inputs.hidden[:1], {i: inputs.extras[i][:1]}), i))
+    groups = smoothing_groups(model, layout, i, trace=lambda: _run_layer(layer, inputs.first_batch(i), i))
     for g in groups:
         if not names.intersection(g.linears):
             continue
