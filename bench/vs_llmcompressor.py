@@ -60,7 +60,11 @@ LABELS = {"gptq_w4a16": "GPTQ W4A16", "awq_w4a16": "AWQ W4A16", "sq_gptq_w8a8": 
           "sparsegpt_50": "SparseGPT 50%", "sparsegpt_24": "SparseGPT 2:4"}
 
 
-def kiln_stages(method: str, g: int, sq_alpha: float = SMOOTHING_STRENGTH) -> list[dict]:
+def _alpha(text: str) -> float | str:
+    return text if text == "auto" else float(text)
+
+
+def kiln_stages(method: str, g: int, sq_alpha: float | str = SMOOTHING_STRENGTH) -> list[dict]:
     if method == "gptq_w4a16":
         return [{"kind": "gptq", "scheme": {"bits": 4, "group_size": g, "symmetric": True, "symmetric_range": "full"}, "act_order": True,
                  "block_size": 128, "damp": 0.01}]
@@ -696,8 +700,8 @@ def main() -> None:
     ap.add_argument("--llmc-python", default="/work/venv-llmc/bin/python")
     ap.add_argument("--tools", default="kiln,llmcompressor", help="run only these sides (kiln, llmcompressor)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--kiln-sq-alpha", type=float, default=SMOOTHING_STRENGTH,
-                    help=f"kiln's SmoothQuant alpha (llm-compressor keeps {SMOOTHING_STRENGTH})")
+    ap.add_argument("--kiln-sq-alpha", type=_alpha, default=SMOOTHING_STRENGTH,
+                    help=f"kiln's SmoothQuant alpha, a number or auto (llm-compressor keeps {SMOOTHING_STRENGTH})")
     ap.add_argument("--kiln-timing", choices=("compress", "whole"), default="compress",
                     help="time kiln's compress-only run (default, the same work as llm-compressor's child) "
                          "or its whole run including perplexity evaluation")

@@ -155,7 +155,8 @@ class AWQConfig(StageConfig):
     role = "smoothing"
     max_tokens: ClassVar[int] = SCALE_TOKENS
 
-    def smooth(self, prev: nn.Module, prev_name: str, linears: dict[str, nn.Module], X: torch.Tensor, names: set[str]) -> dict:
+    def smooth(self, prev: nn.Module, prev_name: str, linears: dict[str, nn.Module], X: torch.Tensor, names: set[str],
+               absmax: torch.Tensor) -> dict:
         """Search s for this group, fold it (1/s into `prev`, s into the linears), then clip the
         targeted linears' ranges. Query/key projections are not clipped: softmax amplifies their
         error in a way the linear-output loss does not see (AutoAWQ skips them for the same reason)."""

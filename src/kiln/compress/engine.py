@@ -395,32 +395,34 @@ class _Replays:
             self.release(linear)
 
 
-def _collect_inputs(layer: nn.Module, module: nn.Module, inputs: LayerInputs, i: int, max_tokens: int) -> torch.Tensor:
-    """The rows (tokens, in) entering `module` over the calibration set, evenly thinned to `max_tokens`."""
-    rows: list[torch.Tensor] = []
-    handle = module.register_forward_pre_hook(lambda m, a: rows.append(a[0].detach().reshape(-1, a[0].shape[-1]).float()))
-    try:
-        _run_layer(layer, inputs, i, stop_at=module)
-    finally:
-        handle.remove()
-    X = torch.cat(rows)
-    if X.shape[0] > max_tokens:
-        X = X[torch.linspace(0, X.shape[0] - 1, max_tokens).long()]
-    return X
-
-
-def _input_absmax(layer: nn.Module, module: nn.Module, inputs: LayerInputs, i: int) -> torch.Tensor:
-    """max |x| per input channel of `module` over the calibration set, as one row (1, in), kept
-    running so that no token row is stored."""
+def _group_inputs(layer: nn.Module, module: nn.Module, inputs: LayerInputs, i: int,
+                  max_tokens: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What enters `module` over the calibration set, in one pass: max |x| per input channel over
+    every token (in,), and with `max_tokens` the token rows (tokens, in), evenly thinned to that
+    many (rows at linspace(0, n − 1, max_tokens) of all n, picked batch by batch: the others are
+    never held)."""
     from kiln.compress.smoothing import ActStats
 
     stats = ActStats()
-    handle = module.register_forward_pre_hook(lambda m, a: stats.add(a[0].float()))
+    rows: list[torch.Tensor] = []
+    n = sum(math.prod(h.shape[:-1]) for h in inputs.hidden)
+    keep = None if max_tokens is None or n <= max_tokens else torch.linspace(0, n - 1, max_tokens).long()
+    seen = [0]
+
+    def hook(m, a):
+        x = a[0].detach().reshape(-1, a[0].shape[-1]).float()
+        stats.add(x)
+        if max_tokens is not None:
+            lo = seen[0]
+            rows.append(x if keep is None else x[keep[(keep >= lo) & (keep < lo + len(x))] - lo])
+        seen[0] += len(x)
+
+    handle = module.register_forward_pre_hook(hook)
     try:
         _run_layer(layer, inputs, i, stop_at=module)
     finally:
         handle.remove()
-    return stats.absmax[None]
+    return stats.absmax, (torch.cat(rows) if max_tokens is not None else None)
 
 
 def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str], calib: torch.Tensor | None,
@@ -690,9 +692,8 @@ def _smoothing_stage(model, layout, layer, i, names: set[str], stage, inputs, ou
         t0 = time.perf_counter()
         linears = {n_: model.get_submodule(n_) for n_ in g.linears}
         first = linears[g.linears[0]]
-        X = (_input_absmax(layer, first, inputs, i) if stage.max_tokens is None
-             else _collect_inputs(layer, first, inputs, i, stage.max_tokens))
-        stats = stage.smooth(model.get_submodule(g.prev), g.prev, linears, X, names)
+        absmax, X = _group_inputs(layer, first, inputs, i, stage.max_tokens)
+        stats = stage.smooth(model.get_submodule(g.prev), g.prev, linears, X, names, absmax)
         if stats is None:
             continue
         for n_ in g.linears:

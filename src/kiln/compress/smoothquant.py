@@ -10,11 +10,16 @@ range into the weights, α = 0 none of it (the weights' ranges are moved into th
 instead); 0.5 is the paper's default, larger α for models with stronger outliers. diag(s)⁻¹ is folded
 into the preceding norm/linear and diag(s) into the weights (kiln.compress.smoothing.fold_scales),
 so the smoothed model is the same float function, ready for W8A8.
+
+The paper picks one α per model by trying a few on held-out data (§5: 0.5 for OPT, 0.75 to 0.85 for
+larger or more outlier-heavy models). `alpha: auto` makes that choice per group instead: the α whose
+scales give the smallest W8A8 output error Σₖ‖Q(X/s) Q(Wₖs)ᵀ − X Wₖᵀ‖² on the group's calibration
+inputs, with X per token and W per output channel in int8 (the O3 setting this stage prepares for).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -23,6 +28,8 @@ from pydantic import Field, field_validator
 from kiln.compress.base import StageConfig
 
 S_MIN, S_MAX = 1e-5, 1e5
+ALPHA_GRID = tuple(k / 10 for k in range(11))  # `auto`: 0, 0.1, …, 1, then the best one's ±0.05
+SEARCH_TOKENS = 2048  # token rows `auto` measures the error on
 
 
 def smooth_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -45,9 +52,43 @@ def smooth_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: 
     return s.clamp(S_MIN, S_MAX).float()
 
 
+def w8a8_error(X: torch.Tensor, weights: list[torch.Tensor], refs: list[torch.Tensor], s: torch.Tensor) -> float:
+    """Relative output error of the group in W8A8 after smoothing by s: Σₖ‖Q(X/s) Q(Wₖs)ᵀ − Yₖ‖² / Σₖ‖Yₖ‖²,
+    Yₖ = X Wₖᵀ (refs), Q per token (int8, dynamic) for activations, per output channel for weights."""
+    from kiln.compress.quant import QuantScheme, rtn_quantize
+    from kiln.compress.w8a8 import quantize_per_token
+
+    xq, xs = quantize_per_token(X / s)
+    Xq = xq.float() * xs
+    w8 = QuantScheme(bits=8, group_size=None, symmetric=True)
+    err = sum(float((Xq @ rtn_quantize(W * s, w8).dequantize().T - Y).double().pow(2).sum()) for W, Y in zip(weights, refs))
+    return err / max(sum(float(Y.double().pow(2).sum()) for Y in refs), 1e-30)
+
+
+def search_alpha(X: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.Tensor]) -> tuple[float, dict]:
+    """The α of ALPHA_GRID (refined to ±0.05 around the best) whose smooth_scales give the least
+    w8a8_error on the token rows X (tokens, in); act_absmax is max |x| over all calibration tokens.
+    Returns (α, {"w8a8_error": its error, "w8a8_error_unsmoothed": the error with s = 1})."""
+    X = X.reshape(-1, X.shape[-1]).float()
+    Ws = [W.detach().float() for W in weights]
+    refs = [X @ W.T for W in Ws]
+    tried: dict[float, float] = {}
+
+    def error(alpha: float) -> float:
+        if alpha not in tried:
+            tried[alpha] = w8a8_error(X, Ws, refs, smooth_scales(act_absmax, Ws, alpha))
+        return tried[alpha]
+
+    best = min(ALPHA_GRID, key=error)
+    best = min([best] + [round(best + d, 2) for d in (-0.05, 0.05) if 0.0 <= best + d <= 1.0], key=error)
+    return best, {"w8a8_error": tried[best], "w8a8_error_unsmoothed": w8a8_error(X, Ws, refs, torch.ones_like(act_absmax))}
+
+
 class SmoothQuantConfig(StageConfig):
     kind: Literal["smoothquant"] = "smoothquant"
-    alpha: float = 0.5
+    alpha: float | Literal["auto"] = Field(
+        0.5, description="migration strength in [0, 1], or 'auto': per group, the α with the least W8A8 output "
+        "error on the calibration inputs (searched over 0, 0.1, …, 1, then ±0.05)")
     groups: Literal["norm", "all"] = Field(
         "all", description="'norm': smooth the inputs of norm-fed groups only (q/k/v, gate/up: the paper's "
         "choice); 'all': also those of linear-fed ones (down_proj through up_proj, o_proj through v_proj where "
@@ -55,12 +96,18 @@ class SmoothQuantConfig(StageConfig):
 
     needs_calibration = True
     role = "smoothing"
-    max_tokens: ClassVar[int | None] = None  # smooth() gets only max |x| per channel, over every calibration token
 
-    def smooth(self, prev: nn.Module, prev_name: str, linears: dict[str, nn.Module], X: torch.Tensor, names: set[str]) -> dict | None:
+    @property
+    def max_tokens(self) -> int | None:
+        """Token rows smooth() gets: none for a fixed α (max |x| per channel is all it needs)."""
+        return SEARCH_TOKENS if self.alpha == "auto" else None
+
+    def smooth(self, prev: nn.Module, prev_name: str, linears: dict[str, nn.Module], X: torch.Tensor | None,
+               names: set[str], absmax: torch.Tensor) -> dict | None:
         """Migrate activation outliers of a group's input into its weights; the producer (a norm, or
         with groups='all' also a linear: up_proj for down_proj, v_proj for o_proj) absorbs 1/s.
-        X is (1, in): max |x| per input channel over the calibration set (max_tokens = None)."""
+        absmax is (in,): max |x| per input channel over the calibration set; X the token rows (tokens, in)
+        for `auto`, None otherwise."""
         from kiln.arch import weight_matrix
         from kiln.compress.smoothing import fold_kind, fold_scales
 
@@ -68,14 +115,18 @@ class SmoothQuantConfig(StageConfig):
         if kind == "linear" and self.groups == "norm":
             return None
         mods = list(linears.values())
-        absmax = X.abs().amax(dim=0)
-        s = smooth_scales(absmax, [weight_matrix(m).float() for m in mods], self.alpha)
+        Ws = [weight_matrix(m).float() for m in mods]
+        alpha, stats = self.alpha, {}
+        if alpha == "auto":
+            alpha, found = search_alpha(X, absmax, Ws)
+            stats = {"alpha": alpha, **found}
+        s = smooth_scales(absmax, Ws, alpha)
         fold_scales(prev, mods, s, kind)
-        return {"act_absmax_before": float(absmax.max()), "act_absmax_after": float((absmax / s).max())}
+        return {**stats, "act_absmax_before": float(absmax.max()), "act_absmax_after": float((absmax / s).max())}
 
     @field_validator("alpha")
     @classmethod
-    def _alpha_in_unit_interval(cls, v: float) -> float:
-        if not 0.0 <= v <= 1.0:  # also rejects NaN
+    def _alpha_in_unit_interval(cls, v: float | str) -> float | str:
+        if v != "auto" and not 0.0 <= v <= 1.0:  # also rejects NaN
             raise ValueError(f"alpha is the migration strength and must lie in [0, 1], got {v}")
         return v
