@@ -94,17 +94,25 @@ def test_awq_smoothing_keeps_the_float_model(tiny_models, tmp_path):
     assert float((a - b).norm() / b.norm()) < 1e-4
 
 
-@pytest.mark.parametrize("arch,linear_fed", [("llama", "mlp.down_proj"), ("opt", "fc2")])
-@pytest.mark.parametrize("groups", ["norm", "all"])
-def test_smoothquant_keeps_the_float_model(tiny_models, tmp_path, arch, linear_fed, groups):
+@pytest.mark.parametrize("arch,linear_fed,groups,alpha", [
+    ("llama", "mlp.down_proj", "norm", 0.5), ("llama", "mlp.down_proj", "all", 0.5),
+    ("opt", "fc2", "norm", 0.5), ("opt", "fc2", "all", 0.5),
+    ("llama", "mlp.down_proj", "all", "auto"), ("gemma3_text", "mlp.down_proj", "all", "auto")])
+def test_smoothquant_keeps_the_float_model(tiny_models, tmp_path, arch, linear_fed, groups, alpha):
     """SmoothQuant's folds leave the float function intact; groups='all' also smooths the inputs of
-    linear-fed groups (down_proj through up_proj, OPT's fc2 through fc1), 'norm' leaves those linears alone."""
+    linear-fed groups (down_proj through up_proj, OPT's fc2 through fc1), 'norm' leaves those linears alone.
+    alpha 'auto' records each group's α and its W8A8 output error, below the unsmoothed one's."""
     from kiln.model import WeightStore, load_full
 
     model_dir = tiny_models(arch)
-    r = method_recipe(model_dir, [{"kind": "smoothquant", "alpha": 0.5, "groups": groups},
+    r = method_recipe(model_dir, [{"kind": "smoothquant", "alpha": alpha, "groups": groups},
                                   {"kind": "rtn", "scheme": W8, "activations": {"bits": 8}}], arch)
-    run_json("run", str(write_recipe(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "run"), "--quiet")
+    out = run_json("run", str(write_recipe(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "run"), "--quiet")
+    stats = out["stages"][0]["module_stats"]
+    assert all(("alpha" in v) == (alpha == "auto") for v in stats.values()), stats
+    if alpha == "auto":
+        assert all((v["alpha"] is None or 0.0 <= v["alpha"] <= 1.0) and v["w8a8_error"] <= v["w8a8_error_unsmoothed"]
+                   for v in stats.values())
     files = sorted((tmp_path / "run" / "stages").glob("00-smoothquant-*/layer-*.safetensors"))
     ref = load_full(model_dir, WeightStore(model_dir))
     smoothed = load_full(model_dir, WeightStore(model_dir, files))

@@ -81,3 +81,34 @@ def test_large_tensors_stream_from_the_store_in_row_blocks(tmp_path):
     assert torch.equal(back["emb.weight"], src["emb.weight"].half()) and torch.equal(back["ids"], src["ids"])
     with pytest.raises(ValueError, match="bytes written for shape"):  # blocks that do not add up
         _ShardWriter(out).add_rows("x", [4, 6], torch.float16, [torch.zeros(3, 6)])
+
+
+def test_float16_artifact_keeps_vectors_in_float32(tmp_path):
+    """A float16 artifact stores matrices in float16 and vectors (norm weights, biases) in float32,
+    and the store rounded to float16, which kiln evaluates and compiles, reads them as stored. A
+    Gemma norm smoothed to w ≈ −1 (it scales by 1 + w) keeps its 1 + w; float16 would not."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from kiln.artifact import build_checkpoint
+    from kiln.model import WeightStore
+    from kiln.recipe import OutputFormat
+
+    g = torch.Generator().manual_seed(0)
+    norm = -1.0 + torch.linspace(1e-3, 2e-2, 6)  # 1 + w from 0.001 to 0.02
+    src = {"emb.weight": torch.randn(37, 6, generator=g), "norm.weight": norm, "proj.bias": torch.randn(6, generator=g)}
+    save_file(src, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    store = WeightStore(tmp_path).rounded(torch.float16)
+    assert torch.equal(store.get("norm.weight"), norm)
+    assert torch.equal(store.get("emb.weight"), src["emb.weight"].half().float())
+    assert float(((1 + norm.half().float()) / (1 + norm) - 1).abs().max()) > 0.01  # what float16 would do to 1 + w
+
+    out = tmp_path / "artifact"
+    out.mkdir()
+    build_checkpoint(out, tmp_path, store, {}, OutputFormat.compressed_tensors, torch.float16, {})
+    with safe_open(out / "model.safetensors", "pt") as h:
+        stored = {k: h.get_tensor(k) for k in h.keys()}
+    assert {k: t.dtype for k, t in stored.items()} == {
+        "emb.weight": torch.float16, "norm.weight": torch.float32, "proj.bias": torch.float32}
+    assert torch.equal(stored["norm.weight"], norm) and torch.equal(stored["emb.weight"].float(), store.get("emb.weight"))

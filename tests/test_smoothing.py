@@ -12,7 +12,7 @@ from kiln.arch import in_out_features
 from kiln.compress.awq import AWQConfig, awq_clip, awq_search_scales
 from kiln.compress.quant import QuantScheme, rtn_quantize
 from kiln.compress.smoothing import ActStats, fold_kind, fold_scales
-from kiln.compress.smoothquant import SmoothQuantConfig, smooth_scales
+from kiln.compress.smoothquant import SEARCH_TOKENS, SmoothQuantConfig, smooth_scales
 from kiln.compress.w8a8 import quantize_per_token
 
 
@@ -237,6 +237,29 @@ def test_smoothquant_config():
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValidationError, match=r"\[0, 1\]"):
             SmoothQuantConfig(kind="smoothquant", alpha=bad)
+    assert SmoothQuantConfig(kind="smoothquant").max_tokens is None  # a fixed α needs max |x| only
+    assert SmoothQuantConfig(kind="smoothquant", alpha="auto").max_tokens == SEARCH_TOKENS
+    with pytest.raises(ValidationError, match="auto"):
+        SmoothQuantConfig(kind="smoothquant", alpha="best")
+
+
+def test_smoothquant_auto_alpha_takes_the_least_w8a8_error():
+    from kiln.compress.smoothquant import ALPHA_GRID, search_alpha
+    from kiln.compress.smoothquant import w8a8_error as group_error
+
+    X, Ws = outlier_problem()
+    absmax = X.abs().amax(0)
+    alpha, stats = search_alpha(X, absmax, Ws)
+    refs = [X @ W.T for W in Ws]
+    err = {a: group_error(X, Ws, refs, smooth_scales(absmax, Ws, a)) for a in ALPHA_GRID}
+    assert stats["w8a8_error"] == pytest.approx(group_error(X, Ws, refs, smooth_scales(absmax, Ws, alpha)))
+    assert stats["w8a8_error"] <= min(err.values())  # the refinement only ever improves on the grid's best
+    assert abs(alpha - min(err, key=err.get)) <= 0.05 + 1e-9
+    assert stats["w8a8_error"] < 0.5 * stats["w8a8_error_unsmoothed"], stats
+    # the group error is the per-linear error test_smooth_scales_migrates_outliers_into_the_weights measures, summed
+    s = smooth_scales(absmax, Ws, 0.5)
+    per = [w8a8_error(X / s, W * s) * Y.numel() for W, Y in zip(Ws, refs)]
+    assert err[0.5] == pytest.approx(sum(per) / sum(float(Y.pow(2).sum()) for Y in refs), rel=1e-3)
 
 
 # ---------------------------------------------------------------- AWQ

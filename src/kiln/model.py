@@ -21,6 +21,14 @@ from kiln.errors import InputError
 QSUFFIXES = (".qcodes", ".qscale", ".qzero")
 
 
+def stored_dtype(shape, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a dense float tensor of this shape is written in when the artifact is in `dtype`:
+    vectors (norm weights, biases: a few KiB) stay float32, as GGUF keeps them. Smoothing folds 1/s
+    into a norm's weight, and a Gemma norm scales by 1 + w: where s is large, w ≈ −1, which float16
+    holds to 2⁻¹¹, several percent of 1 + w."""
+    return torch.float32 if len(shape) <= 1 else dtype
+
+
 class WeightStore:
     """Name → tensor over a base checkpoint folder and stage overlay files (latest first)."""
 
@@ -54,10 +62,12 @@ class WeightStore:
     def rounded(self, dtype: torch.dtype | None) -> "WeightStore":
         return WeightStore(self.base, self.overlays, dtype)
 
-    def _round(self, t: torch.Tensor) -> torch.Tensor:
+    def _round(self, t: torch.Tensor, dense_shape=None) -> torch.Tensor:
+        """t as the artifact will hold it (see stored_dtype for a dense tensor of `dense_shape`)."""
         if self.round_to is None or not t.is_floating_point():
             return t
-        return t.to(self.round_to).to(t.dtype)
+        to = self.round_to if dense_shape is None else stored_dtype(dense_shape, self.round_to)
+        return t.to(to).to(t.dtype)
 
     def keys(self) -> list[str]:
         return sorted(set(self._files) | set(self._quant_meta))
@@ -98,7 +108,7 @@ class WeightStore:
             with safe_open(self._files[name], "pt") as h:
                 sl = h.get_slice(name)
                 for a in range(0, shape[0], step):
-                    yield self._round(sl[a : a + step])
+                    yield self._round(sl[a : a + step], shape)
         return shape, first.dtype, blocks()
 
     def get(self, name: str) -> torch.Tensor:
@@ -109,7 +119,8 @@ class WeightStore:
             return W.T.contiguous() if m.get("transposed") else W
         if name not in self._files:
             raise KeyError(name)
-        return self._round(self._raw(name))
+        t = self._raw(name)
+        return self._round(t, t.shape)
 
 
 def save_overlay(path: Path, tensors: dict[str, torch.Tensor], quantized: dict[str, tuple]) -> None:

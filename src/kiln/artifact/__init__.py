@@ -14,6 +14,7 @@ import torch
 
 from kiln.artifact.formats import packed_tensors
 from kiln.artifact.manifest import MANIFEST, file_digests, verify
+from kiln.model import stored_dtype
 from kiln.artifact.pack import unpack_int32
 from kiln.errors import ArtifactError
 from kiln.recipe import OutputFormat
@@ -154,10 +155,10 @@ def build_checkpoint(root: Path, model_dir: Path, store, quantized: dict[str, di
         rows = store.dense_rows(name)
         if rows is None:
             t = store.get(name)
-            writer.add(tied.get(name, name), t.to(dtype) if t.is_floating_point() else t)
+            writer.add(tied.get(name, name), t.to(stored_dtype(t.shape, dtype)) if t.is_floating_point() else t)
         else:
             shape, src, blocks = rows
-            writer.add_rows(tied.get(name, name), shape, dtype if src.is_floating_point else src, blocks)
+            writer.add_rows(tied.get(name, name), shape, stored_dtype(shape, dtype) if src.is_floating_point else src, blocks)
     writer.finish()
 
     cfg = json.loads((model_dir / "config.json").read_text())

@@ -65,10 +65,11 @@ def w8a8_error(X: torch.Tensor, weights: list[torch.Tensor], refs: list[torch.Te
     return err / max(sum(float(Y.double().pow(2).sum()) for Y in refs), 1e-30)
 
 
-def search_alpha(X: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.Tensor]) -> tuple[float, dict]:
+def search_alpha(X: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.Tensor]) -> tuple[float | None, dict]:
     """The α of ALPHA_GRID (refined to ±0.05 around the best) whose smooth_scales give the least
     w8a8_error on the token rows X (tokens, in); act_absmax is max |x| over all calibration tokens.
-    Returns (α, {"w8a8_error": its error, "w8a8_error_unsmoothed": the error with s = 1})."""
+    None when no α beats leaving the group as it is (s = 1). Returns (α, {"w8a8_error": the error
+    it gives, "w8a8_error_unsmoothed": the error with s = 1})."""
     X = X.reshape(-1, X.shape[-1]).float()
     Ws = [W.detach().float() for W in weights]
     refs = [X @ W.T for W in Ws]
@@ -81,14 +82,17 @@ def search_alpha(X: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.
 
     best = min(ALPHA_GRID, key=error)
     best = min([best] + [round(best + d, 2) for d in (-0.05, 0.05) if 0.0 <= best + d <= 1.0], key=error)
-    return best, {"w8a8_error": tried[best], "w8a8_error_unsmoothed": w8a8_error(X, Ws, refs, torch.ones_like(act_absmax))}
+    unsmoothed = w8a8_error(X, Ws, refs, torch.ones_like(act_absmax))
+    if unsmoothed <= tried[best]:
+        return None, {"w8a8_error": unsmoothed, "w8a8_error_unsmoothed": unsmoothed}
+    return best, {"w8a8_error": tried[best], "w8a8_error_unsmoothed": unsmoothed}
 
 
 class SmoothQuantConfig(StageConfig):
     kind: Literal["smoothquant"] = "smoothquant"
     alpha: float | Literal["auto"] = Field(
         0.5, description="migration strength in [0, 1], or 'auto': per group, the α with the least W8A8 output "
-        "error on the calibration inputs (searched over 0, 0.1, …, 1, then ±0.05)")
+        "error on the calibration inputs (searched over 0, 0.1, …, 1, then ±0.05), or no smoothing where none helps")
     groups: Literal["norm", "all"] = Field(
         "all", description="'norm': smooth the inputs of norm-fed groups only (q/k/v, gate/up: the paper's "
         "choice); 'all': also those of linear-fed ones (down_proj through up_proj, o_proj through v_proj where "
@@ -120,6 +124,8 @@ class SmoothQuantConfig(StageConfig):
         if alpha == "auto":
             alpha, found = search_alpha(X, absmax, Ws)
             stats = {"alpha": alpha, **found}
+            if alpha is None:  # smoothing would only add error: the group stays as it is
+                return {**stats, "smoothed_by": None}
         s = smooth_scales(absmax, Ws, alpha)
         fold_scales(prev, mods, s, kind)
         return {**stats, "act_absmax_before": float(absmax.max()), "act_absmax_after": float((absmax / s).max())}
