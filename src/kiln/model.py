@@ -21,6 +21,9 @@ from kiln.errors import InputError
 QSUFFIXES = (".qcodes", ".qscale", ".qzero")
 
 
+STORAGE = "vectors-float32"  # names stored_dtype's rule in the keys of what depends on it (evaluations, artifacts)
+
+
 def stored_dtype(shape, dtype: torch.dtype) -> torch.dtype:
     """The dtype a dense float tensor of this shape is written in when the artifact is in `dtype`:
     vectors (norm weights, biases: a few KiB) stay float32, as GGUF keeps them. Smoothing folds 1/s

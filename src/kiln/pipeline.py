@@ -368,7 +368,7 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
     from kiln.artifact.manifest import base_manifest, read_manifest, verify
     from kiln.compress.rtn import RTNConfig
     from kiln.data import calibration_windows, evaluation_windows, load_documents
-    from kiln.model import WeightStore
+    from kiln.model import STORAGE, WeightStore
 
     out_dir = Path(out_dir)
     with ctx.meter("plan") as plan_meter:
@@ -413,15 +413,16 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
 
     metrics: dict = {}
     eval_digests = {k: v["token_digest"] for k, v in eval_info.items()}
+    stored = (recipe.output.dtype.value, STORAGE)  # what the rounded stores read: evaluations of them key on it
     if recipe.evaluate is not None and (recipe.evaluate.perplexity or recipe.evaluate.tasks):
         metrics["baseline"] = _evaluate("baseline", _key(model.digest, eval_digests), plan, WeightStore(model.path),
                                         eval_sets, out_dir, ctx)
         if recipe.evaluate.after_each_stage:
             for sp, st in stage_stores[:-1]:
-                r = _evaluate(f"after-{sp.dirname}", _key(sp.key, eval_digests, recipe.output.dtype.value), plan,
+                r = _evaluate(f"after-{sp.dirname}", _key(sp.key, eval_digests, stored), plan,
                               st.rounded(out_dtype), eval_sets, out_dir, ctx, tasks=False)
                 metrics[f"after_stage_{sp.index}"] = r
-        final_key = _key(prev, eval_digests, recipe.output.dtype.value)
+        final_key = _key(prev, eval_digests, stored)
         metrics["compressed"] = _evaluate("compressed", final_key, plan, store.rounded(out_dtype), eval_sets, out_dir, ctx)
         if recipe.evaluate.reference_rtn and plan.quantized:
             # RTN with each quantizing stage's scheme on the same layers, from the source weights
@@ -435,7 +436,7 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
                 ref.key = ref_prev = _key(ref_prev, ref.config.model_dump(mode="json"))
                 res = _run_stage(plan, ref, ref_store, None, out_dir / "reference", ctx, label="rtn-reference")
                 ref_store = ref_store.with_overlays([out_dir / "reference" / "stages" / ref.dirname / f for f in res["files"]])
-            metrics["rtn"] = _evaluate("rtn", _key(ref_prev, eval_digests, recipe.output.dtype.value), plan,
+            metrics["rtn"] = _evaluate("rtn", _key(ref_prev, eval_digests, stored), plan,
                                        ref_store.rounded(out_dtype), eval_sets, out_dir, ctx, tasks=False)
         for variant in metrics:
             if variant != "baseline" and metrics[variant]["perplexity"]:
@@ -444,7 +445,7 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
 
     # --- artifact --------------------------------------------------------------------------------
     target = out_dir / "artifact"
-    run_key = _key(prev, recipe.digest(), eval_digests, recipe.output.model_dump(mode="json"))
+    run_key = _key(prev, recipe.digest(), eval_digests, recipe.output.model_dump(mode="json"), STORAGE)
     if (target / "manifest.json").exists() and read_manifest(target).get("run_key") == run_key:
         manifest = verify(target)
         ctx.log(f"artifact up to date: {target}")
