@@ -19,8 +19,6 @@ from kiln.compress.quant import QuantizedWeight, dequantize
 from kiln.errors import InputError
 
 QSUFFIXES = (".qcodes", ".qscale", ".qzero")
-
-
 STORAGE = "vectors-float32"  # names stored_dtype's rule in the keys of what depends on it (evaluations, artifacts)
 
 

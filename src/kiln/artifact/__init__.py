@@ -14,9 +14,9 @@ import torch
 
 from kiln.artifact.formats import packed_tensors
 from kiln.artifact.manifest import MANIFEST, file_digests, verify
-from kiln.model import stored_dtype
 from kiln.artifact.pack import unpack_int32
 from kiln.errors import ArtifactError
+from kiln.model import stored_dtype
 from kiln.recipe import OutputFormat
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
