@@ -281,13 +281,15 @@ class DecoderBuilder:
         return self.g.op("LayerNormalization", [x, gamma, beta], name=module + "/LayerNorm", axis=-1, epsilon=self.s.eps)
 
     def skip_norm(self, x: str, residual: str, module: str) -> tuple[str, str]:
-        """norm(x + residual) and x + residual, in one kernel."""
+        """norm(x + residual) and x + residual, in one kernel. Its mean and inverse-standard-deviation
+        outputs stay unnamed: asked for, they took the 60 kernels of a SmolLM2 decode step from 1.0 to
+        1.6 ms (ORT's profiler, batch 1 after a 512-token prompt)."""
         gamma, beta = self.norm_weights(module)
         if self.s.norm == "rms":
-            outs = self.g.op("SkipSimplifiedLayerNormalization", [x, residual, gamma], domain=MS, outputs=4,
+            outs = self.g.op("SkipSimplifiedLayerNormalization", [x, residual, gamma], domain=MS, outputs=4, unused=(1, 2),
                              name=module + "/SkipSimplifiedLayerNorm", epsilon=self.s.eps)
         else:
-            outs = self.g.op("SkipLayerNormalization", [x, residual, gamma, beta], domain=MS, outputs=4,
+            outs = self.g.op("SkipLayerNormalization", [x, residual, gamma, beta], domain=MS, outputs=4, unused=(1, 2),
                              name=module + "/SkipLayerNorm", epsilon=self.s.eps)
         return outs[0], outs[3]
 

@@ -65,12 +65,14 @@ class Graph:
         return self._consts[key]
 
     def op(self, op_type: str, inputs: list[str], *, name: str | None = None, outputs: int | list[str] = 1,
-           domain: str = "", **attrs) -> str | list[str]:
+           domain: str = "", unused: tuple[int, ...] = (), **attrs) -> str | list[str]:
+        """Add a node; `unused` optional outputs are left unnamed (""), so the kernel neither computes
+        nor allocates them."""
         from onnx import helper
 
         node_name = self.fresh(name or op_type)
-        outs = outputs if isinstance(outputs, list) else [f"{node_name}/out{i}" if outputs > 1 else f"{node_name}/out"
-                                                          for i in range(outputs)]
+        outs = outputs if isinstance(outputs, list) else [
+            "" if i in unused else f"{node_name}/out{i}" if outputs > 1 else f"{node_name}/out" for i in range(outputs)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=node_name, domain=domain or None,
                                            **{k: v for k, v in attrs.items() if v is not None}))
         return outs[0] if len(outs) == 1 else outs
