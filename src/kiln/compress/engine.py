@@ -401,9 +401,7 @@ def _group_inputs(layer: nn.Module, module: nn.Module, inputs: LayerInputs, i: i
     every token (in,), and with `max_tokens` the token rows (tokens, in), evenly thinned to that
     many (rows at linspace(0, n − 1, max_tokens) of all n, picked batch by batch: the others are
     never held)."""
-    from kiln.compress.smoothing import ActStats
-
-    stats = ActStats()
+    absmax: list[torch.Tensor] = []  # running max |x| = max(max x, −min x): no |x| temporary
     rows: list[torch.Tensor] = []
     n = sum(math.prod(h.shape[:-1]) for h in inputs.hidden)
     keep = None if max_tokens is None or n <= max_tokens else torch.linspace(0, n - 1, max_tokens).long()
@@ -411,7 +409,8 @@ def _group_inputs(layer: nn.Module, module: nn.Module, inputs: LayerInputs, i: i
 
     def hook(m, a):
         x = a[0].detach().reshape(-1, a[0].shape[-1]).float()
-        stats.add(x)
+        batch_max = torch.maximum(x.amax(dim=0), x.amin(dim=0).neg_())
+        absmax[:] = [batch_max if not absmax else torch.maximum(absmax[0], batch_max)]
         if max_tokens is not None:
             lo = seen[0]
             rows.append(x if keep is None else x[keep[(keep >= lo) & (keep < lo + len(x))] - lo])
@@ -422,7 +421,7 @@ def _group_inputs(layer: nn.Module, module: nn.Module, inputs: LayerInputs, i: i
         _run_layer(layer, inputs, i, stop_at=module)
     finally:
         handle.remove()
-    return stats.absmax, (torch.cat(rows) if max_tokens is not None else None)
+    return absmax[0], (torch.cat(rows) if max_tokens is not None else None)
 
 
 def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str], calib: torch.Tensor | None,
