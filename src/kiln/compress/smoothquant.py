@@ -11,8 +11,8 @@ instead); 0.5 is the paper's default, larger α for models with stronger outlier
 into the preceding norm/linear and diag(s) into the weights (kiln.compress.smoothing.fold_scales),
 so the smoothed model is the same float function, ready for W8A8.
 
-The paper picks one α per model by trying a few on held-out data (§5: 0.5 for OPT, 0.75 to 0.85 for
-larger or more outlier-heavy models). `alpha: auto` makes that choice per group instead: the α whose
+The paper picks one α per model (0.5 for OPT and BLOOM, larger, e.g. 0.75, for models with stronger
+outliers such as GLM-130B). `alpha: auto` makes that choice per group instead: the α whose
 scales give the smallest W8A8 output error Σₖ‖Q(X/s) Q(Wₖs)ᵀ − X Wₖᵀ‖² on the group's calibration
 inputs, with X per token and W per output channel in int8 (the O3 setting this stage prepares for).
 """
