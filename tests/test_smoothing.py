@@ -11,7 +11,7 @@ from conftest import tiny_config
 from kiln.arch import in_out_features
 from kiln.compress.awq import AWQConfig, awq_clip, awq_search_scales
 from kiln.compress.quant import QuantScheme, rtn_quantize
-from kiln.compress.smoothing import ActStats, fold_kind, fold_scales
+from kiln.compress.smoothing import fold_kind, fold_scales
 from kiln.compress.smoothquant import SEARCH_TOKENS, SmoothQuantConfig, smooth_scales
 from kiln.compress.w8a8 import quantize_per_token
 
@@ -161,20 +161,27 @@ def test_fold_kind_of_linears_and_unknowns():
 
 # ---------------------------------------------------------------- activation statistics
 
-def test_act_stats_running_and_merge():
+def test_group_inputs_gathers_absmax_and_thinned_rows_in_one_pass():
+    """The engine's statistics of what enters a linear: max |x| per channel over every token, and
+    the rows at linspace(0, n − 1, max_tokens) of all n, the same rows as thinning the whole
+    concatenation, picked batch by batch."""
+    from torch import nn
+
+    from kiln.compress.engine import LayerInputs, _group_inputs
+
     g = torch.Generator().manual_seed(0)
-    X = torch.randn(300, 16, generator=g) * torch.linspace(0.1, 5, 16)
-    a, b = ActStats(), ActStats(16)
-    a.add(X[:100].reshape(4, 25, 16))
-    a.add(X[100:120])
-    b.add(X[120:])
-    assert a.n == 120 and b.n == 180
-    a.merge(b)
-    assert a.n == 300 and a.absmax.dtype == torch.float32
-    assert torch.allclose(a.absmax, X.abs().amax(0))
-    assert torch.allclose(a.mean_abs, X.abs().mean(0), rtol=1e-5)
-    with pytest.raises(ValueError):
-        ActStats().absmax
+    layer = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 8))
+    hidden = [torch.randn(3, 25, 16, generator=g) * torch.linspace(0.1, 5, 16) for _ in range(4)]
+    inputs = LayerInputs(hidden, [[((), {})] * len(hidden)])
+    with torch.no_grad():
+        X = torch.cat([layer[0](h).reshape(-1, 16) for h in hidden])  # what reaches layer[1]: 300 rows
+    absmax, rows = _group_inputs(layer, layer[1], inputs, 0, max_tokens=50)
+    assert absmax.dtype == torch.float32 and torch.equal(absmax, X.abs().amax(0))
+    assert torch.equal(rows, X[torch.linspace(0, 299, 50).long()])
+    absmax_only, none = _group_inputs(layer, layer[1], inputs, 0, max_tokens=None)
+    assert none is None and torch.equal(absmax_only, absmax)
+    _, every = _group_inputs(layer, layer[1], inputs, 0, max_tokens=1000)  # fewer rows than asked: all of them
+    assert torch.equal(every, X)
 
 
 # ---------------------------------------------------------------- SmoothQuant
@@ -195,9 +202,7 @@ def w8a8_error(X, W):
 
 def test_smooth_scales_migrates_outliers_into_the_weights():
     X, Ws = outlier_problem()
-    stats = ActStats()
-    stats.add(X)
-    s = smooth_scales(stats.absmax, Ws, alpha=0.5)
+    s = smooth_scales(X.abs().amax(0), Ws, alpha=0.5)
     assert s.shape == (64,) and s.dtype == torch.float32 and bool((s > 0).all())
     Xs = X / s
     for W in Ws:

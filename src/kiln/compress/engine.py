@@ -401,27 +401,27 @@ def _group_inputs(layer: nn.Module, module: nn.Module, inputs: LayerInputs, i: i
     every token (in,), and with `max_tokens` the token rows (tokens, in), evenly thinned to that
     many (rows at linspace(0, n − 1, max_tokens) of all n, picked batch by batch: the others are
     never held)."""
-    absmax: list[torch.Tensor] = []  # running max |x| = max(max x, −min x): no |x| temporary
+    absmax: torch.Tensor | None = None
     rows: list[torch.Tensor] = []
     n = sum(math.prod(h.shape[:-1]) for h in inputs.hidden)
     keep = None if max_tokens is None or n <= max_tokens else torch.linspace(0, n - 1, max_tokens).long()
-    seen = [0]
+    seen = 0
 
     def hook(m, a):
+        nonlocal absmax, seen
         x = a[0].detach().reshape(-1, a[0].shape[-1]).float()
-        batch_max = torch.maximum(x.amax(dim=0), x.amin(dim=0).neg_())
-        absmax[:] = [batch_max if not absmax else torch.maximum(absmax[0], batch_max)]
+        batch_max = torch.maximum(x.amax(dim=0), x.amin(dim=0).neg_())  # max |x| without an |x| temporary
+        absmax = batch_max if absmax is None else torch.maximum(absmax, batch_max)
         if max_tokens is not None:
-            lo = seen[0]
-            rows.append(x if keep is None else x[keep[(keep >= lo) & (keep < lo + len(x))] - lo])
-        seen[0] += len(x)
+            rows.append(x if keep is None else x[keep[(keep >= seen) & (keep < seen + len(x))] - seen])
+        seen += len(x)
 
     handle = module.register_forward_pre_hook(hook)
     try:
         _run_layer(layer, inputs, i, stop_at=module)
     finally:
         handle.remove()
-    return absmax[0], (torch.cat(rows) if max_tokens is not None else None)
+    return absmax, (torch.cat(rows) if max_tokens is not None else None)
 
 
 def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str], calib: torch.Tensor | None,

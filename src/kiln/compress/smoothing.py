@@ -1,5 +1,5 @@
-"""What AWQ and SmoothQuant share: per-input-channel activation statistics, and the exact fold of a
-per-channel scale s into the op that produces a linear's input and the linears that consume it.
+"""What AWQ and SmoothQuant share: the exact fold of a per-channel scale s into the op that produces
+a linear's input and the linears that consume it.
 
 Both methods rewrite Y = X Wᵀ as Y = (X diag(s)⁻¹)(W diag(s))ᵀ (SmoothQuant, arXiv:2211.10438, eq. 3;
 AWQ, arXiv:2306.00978, §3.2). X diag(s)⁻¹ is never computed at run time: it is folded into the
@@ -29,65 +29,6 @@ PREV_KINDS = ("rmsnorm", "rmsnorm_plus_one", "layernorm", "linear")
 PLAIN_RMSNORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"})
 # forward returns `x̂ * (1.0 + self.weight.float())`, weight initialised to zeros.
 PLUS_ONE_RMSNORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"})
-
-
-class ActStats:
-    """Running per-input-channel statistics of a linear's input, in fp32: `absmax` = max_t |x_tj| and
-    `mean_abs` = mean_t |x_tj| over every token row seen (`n` of them). Two instances filled from
-    disjoint batches `merge` into the statistics of their union."""
-
-    def __init__(self, in_features: int | None = None):
-        self._absmax = None if in_features is None else torch.zeros(in_features)
-        self._mean_abs = None if in_features is None else torch.zeros(in_features)
-        self.n = 0
-
-    def _init_like(self, ref: torch.Tensor) -> None:
-        if self._absmax is None:
-            self._absmax = torch.zeros(ref.shape[-1], device=ref.device)
-            self._mean_abs = torch.zeros(ref.shape[-1], device=ref.device)
-        elif ref.shape[-1] != self._absmax.shape[0]:
-            raise ValueError(f"ActStats over {self._absmax.shape[0]} channels was given inputs with {ref.shape[-1]}")
-
-    def add(self, x: torch.Tensor) -> None:
-        """x: (..., in); every leading index is one token."""
-        x = x.detach().reshape(-1, x.shape[-1])
-        t = x.shape[0]
-        if t == 0:
-            return
-        self._init_like(x)
-        a = x.abs()
-        self._absmax = torch.maximum(self._absmax.to(x.device), a.amax(dim=0).float())
-        batch_sum = a.sum(dim=0, dtype=torch.float64)
-        total = self.n + t
-        self._mean_abs = (self._mean_abs.to(x.device).double() * (self.n / total) + batch_sum / total).float()
-        self.n = total
-
-    def merge(self, other: ActStats) -> ActStats:
-        """Fold `other` into this one (in place) and return self."""
-        if other.n == 0:
-            return self
-        self._init_like(other._absmax)
-        dev = self._absmax.device
-        total = self.n + other.n
-        self._absmax = torch.maximum(self._absmax, other._absmax.to(dev))
-        self._mean_abs = (self._mean_abs.double() * (self.n / total)
-                          + other._mean_abs.to(dev).double() * (other.n / total)).float()
-        self.n = total
-        return self
-
-    def _check(self) -> None:
-        if self._absmax is None:
-            raise ValueError("ActStats: no inputs recorded yet")
-
-    @property
-    def absmax(self) -> torch.Tensor:
-        self._check()
-        return self._absmax
-
-    @property
-    def mean_abs(self) -> torch.Tensor:
-        self._check()
-        return self._mean_abs
 
 
 def fold_kind(module: nn.Module) -> str:
