@@ -54,9 +54,11 @@ class CalibrationConfig(Frozen):
     seed: int = 0
     batch_size: int = Field(4, ge=1, description="samples per forward pass in the layer loop: a pass holds one "
                             "batch's activations and temporaries at once (on CPU, 4 was both leaner and faster than 8)")
-    low_memory: bool = Field(False, description="recompute each layer's MLP in its last pass instead of keeping "
-                             "what entered its last linear, and give freed memory back to the OS after every pass: "
-                             "the same results with less memory and more time")
+    low_memory: bool = Field(False, description="keep the calibration activations and the inputs saved between "
+                             "passes in files in the stage folder, paged in one batch at a time (Linux; elsewhere the "
+                             "last pass recomputes each layer's MLP instead of keeping its last linear's inputs), and "
+                             "give freed memory back to the OS after every pass and rewrite: the same results with "
+                             "less memory")
 
 
 class EvalTextConfig(Frozen):

@@ -29,6 +29,7 @@ from torch import nn
 from kiln.arch import decoder_layout, in_out_features, is_transposed, module_name, set_weight_matrix, weight_matrix
 from kiln.compress.gptq import HessianNotPositiveDefinite
 from kiln.compress.hessian import HessianHooks
+from kiln.compress.spill import Spill
 from kiln.context import RunContext
 from kiln.errors import CompressionError
 from kiln.model import WeightStore, build_skeleton, materialize, release, save_overlay, tied_aliases
@@ -42,20 +43,26 @@ class _Stop(Exception):
 class LayerInputs:
     hidden: list[torch.Tensor]  # one (B, L, d) tensor per calibration batch
     extras: list[list[tuple[tuple, dict]]]  # [layer][batch] → (args after hidden, kwargs)
+    spill: Spill | None = None  # where `hidden` (and the saved inputs) live when not in memory
 
     def first_batch(self, i: int) -> LayerInputs:
         """Layer i's inputs for the first calibration batch alone (for probing the layer)."""
         extras: list[list] = [[] for _ in self.extras]
         extras[i] = self.extras[i][:1]
-        return LayerInputs(self.hidden[:1], extras)
+        return LayerInputs(self.hidden[:1], extras, self.spill)
+
+    def page_out(self) -> None:
+        """Done with a batch: with a spill, its pages leave the process (see kiln.compress.spill)."""
+        if self.spill is not None:
+            self.spill.page_out()
 
 
-def _slab(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+def _slab(shapes: list[tuple[int, ...]], alloc=torch.empty) -> list[torch.Tensor]:
     """Zeroless float32 tensors of these shapes, views into one allocation. What the engine keeps
     across passes (activations, saved inputs) lives in slabs: malloc maps a large block on its own
     and gives it back whole, where per-batch blocks kept between each pass's freed temporaries
     fragment the heap (on SmolLM2 that held hundreds of MiB)."""
-    return _views(torch.empty(sum(math.prod(s) for s in shapes)), shapes)
+    return _views(alloc(sum(math.prod(s) for s in shapes)), shapes)
 
 
 def _views(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
@@ -72,9 +79,10 @@ class SlabPool:
     buffer; when none holds it, the free ones are dropped and one of the new size is made. A pool
     that does not `retain` frees what it gets back: the least memory, fresh pages every layer."""
 
-    def __init__(self, retain: bool = True):
+    def __init__(self, retain: bool = True, alloc=torch.empty):
         self.free: list[torch.Tensor] = []
         self.retain = retain
+        self.alloc = alloc
 
     def take(self, shapes: list[tuple[int, ...]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         need = sum(math.prod(s) for s in shapes)
@@ -84,7 +92,7 @@ class SlabPool:
             self.free = [b for b in self.free if b is not flat]  # by identity: == on tensors is elementwise
         else:
             self.free.clear()
-            flat = torch.empty(need)
+            flat = self.alloc(need)
         return flat, _views(flat, shapes)
 
     def give_back(self, flat: torch.Tensor) -> None:
@@ -121,6 +129,15 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def _batches_finite(inputs: LayerInputs) -> bool:
+    for h in inputs.hidden:
+        ok = _all_finite(h)
+        inputs.page_out()
+        if not ok:
+            return False
+    return True
+
+
 @dataclass
 class StageOutput:
     files: list[Path] = field(default_factory=list)
@@ -136,9 +153,11 @@ def check_finite(module: nn.Module, prefix: str) -> None:
                                    hint="the source checkpoint is corrupt; re-export it or pick another source")
 
 
-def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.Tensor, batch_size: int) -> LayerInputs:
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.Tensor, batch_size: int,
+                         spill: Spill | None = None) -> LayerInputs:
     """Run the model's own forward with every decoder layer replaced by a recorder; the last one stops it.
-    Layer 0's inputs go straight into one slab, made when the first batch shows their width."""
+    Layer 0's inputs go straight into one slab (in `spill`'s files, if given), made when the first
+    batch shows their width."""
     n = len(layers)
     counts = [len(calib[b : b + batch_size]) for b in range(0, calib.shape[0], batch_size)]
     hidden: list[torch.Tensor] = []
@@ -149,8 +168,10 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.T
             if i == 0:
                 x = args[0].detach()
                 if not hidden:
-                    hidden.extend(_slab([(c, *x.shape[1:]) for c in counts]))
+                    hidden.extend(_slab([(c, *x.shape[1:]) for c in counts], torch.empty if spill is None else spill.empty))
                 hidden[len(extras[0])].copy_(x)
+                if spill is not None:
+                    spill.page_out()
             kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
             extras[i].append((tuple(args[1:]), kwargs))
             if i == n - 1:
@@ -170,7 +191,7 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.T
     finally:
         for layer in layers:
             del layer.forward
-    return LayerInputs(hidden, extras)
+    return LayerInputs(hidden, extras, spill)
 
 
 def _run_layer(layer: nn.Module, inputs: LayerInputs, i: int, before_batch=None, stop_at: nn.Module | None = None,
@@ -193,12 +214,14 @@ def _run_layer(layer: nn.Module, inputs: LayerInputs, i: int, before_batch=None,
                 try:
                     y = layer(h, *args, **kwargs)
                 except _Stop:
+                    inputs.page_out()
                     continue
                 y = y[0] if isinstance(y, tuple) else y
                 if in_place and h.shape == y.shape:
                     y = h.copy_(y)  # batch b's inputs are not read again
                 elif in_place:
                     inputs.hidden[b] = y
+                inputs.page_out()
                 out.append(y)
     finally:
         if handle is not None:
@@ -438,6 +461,7 @@ def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str]
     layout = decoder_layout(model)
     layers = model.get_submodule(layout.layers_path)
     out = StageOutput()
+    spill = Spill(out_dir) if low_memory and Spill.available() else None  # its files go with its buffers
 
     inputs = None
     if stage.needs_calibration:
@@ -447,7 +471,7 @@ def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str]
             if name != layout.layers_path and not name.startswith(layout.layers_path + ".") and child is not head:
                 materialize(model, name, store, aliases, recurse=False)
         check_finite(model.get_input_embeddings(), "embeddings")
-        inputs = capture_layer_inputs(model, layers, calib, batch_size)
+        inputs = capture_layer_inputs(model, layers, calib, batch_size, spill)
         emb = model.get_input_embeddings()
         release(model, module_name(model, emb))  # not needed again: free it
 
@@ -460,7 +484,8 @@ def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str]
         by_layer.setdefault(idx, []).append(t)
 
     probes: dict = {}
-    slabs = SlabPool(retain=not low_memory)  # saved-input slabs, reused by every layer (see _Replays)
+    # saved-input slabs, reused by every layer (see _Replays); low_memory keeps them in files, or frees them
+    slabs = SlabPool(retain=spill is not None or not low_memory, alloc=torch.empty if spill is None else spill.empty)
     with ctx.progress(f"{stage.kind}: layers", layout.num_layers) as advance:
         for i in range(layout.num_layers):
             names = by_layer.get(i, [])
@@ -482,7 +507,7 @@ def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str]
                 if inputs is not None:
                     _run_layer(layer, inputs, i, in_place=True)
             if inputs is not None:
-                if not all(_all_finite(h) for h in inputs.hidden):
+                if not _batches_finite(inputs):
                     raise CompressionError(f"{lname}: its outputs became NaN/inf after {stage.kind}",
                                            hint="check the source weights; try more damping or fewer bits")
             dense = {f"{lname}.{k}": v for k, v in layer.state_dict().items()
@@ -527,6 +552,7 @@ def _run_tail(model: nn.Module, layers: nn.ModuleList, inputs: LayerInputs, stop
                     model(inputs_embeds=torch.zeros_like(h), use_cache=False)
                 except _Stop:
                     pass
+                inputs.page_out()
     finally:
         handle.remove()
         for layer in layers:
@@ -612,7 +638,7 @@ def _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out
             fold = (prefix + rel_fold[0], tails[prefix + rel_fold[1]])
         if not replay:
             tails = {}
-        elif low_memory:  # the MLP's inputs: recomputed by the last pass instead of kept
+        elif low_memory and inputs.spill is None:  # the MLP's inputs: recomputed by the last pass instead of kept
             tails.pop(steps[-1][0], None)
     replays = _Replays(layer, model, inputs.hidden if inputs is not None else [], slabs)
 
@@ -652,6 +678,9 @@ def _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out
                 else:
                     for n_ in step:
                         _rewrite_linears([mods[n_]], [n_], hooks.hessian(n_) if hooks is not None else None, stage, sparse, quantized, out)
+                if low_memory:
+                    hooks = None  # the step's H
+                    _trim_heap()  # and the rewrite's temporaries, before the next pass allocates its own
                 int8.enter_context(_int8_inputs(model, dict(list(quantized.items())[rewritten:])))
                 if step[0] in tails:
                     replays.replay(step[0], tails[step[0]])
