@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from kiln.errors import CompressionError
+
 MADV_DONTNEED = 4  # Linux: on a shared file mapping, unmap the pages; their contents stay in the file
 
 
@@ -50,9 +52,16 @@ class Spill:
         return sys.platform.startswith("linux") and _madvise() is not None
 
     def empty(self, numel: int) -> torch.Tensor:
+        """The blocks are allocated up front: a full disk is this error, not a SIGBUS on a later write."""
         fd, path = tempfile.mkstemp(prefix=".spill-", dir=self.folder)
         try:
-            os.ftruncate(fd, numel * 4)
+            try:
+                os.posix_fallocate(fd, 0, numel * 4)
+            except OSError as exc:
+                raise CompressionError(
+                    f"low_memory: cannot reserve {numel * 4 / 2**20:.0f} MiB for calibration activations in {self.folder}: "
+                    f"{exc.strerror}",
+                    hint="free disk space there, or set data.calibration.low_memory: false to keep them in memory") from None
             t = torch.from_file(path, shared=True, size=numel, dtype=torch.float32)
         finally:
             os.close(fd)
