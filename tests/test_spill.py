@@ -51,7 +51,7 @@ def test_a_spill_that_cannot_reserve_its_blocks_names_the_folder_and_what_to_do(
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "posix_fallocate", full)
-    with pytest.raises(CompressionError, match=r"cannot reserve 64 MiB .* in .*: No space left on device") as err:
+    with pytest.raises(CompressionError, match=r"cannot keep 64 MiB .* in .*: No space left on device") as err:
         Spill(tmp_path).empty(16 * 2**20)
     assert "low_memory: false" in err.value.hint
     assert list(tmp_path.iterdir()) == []

@@ -53,19 +53,23 @@ class Spill:
 
     def empty(self, numel: int) -> torch.Tensor:
         """The blocks are allocated up front: a full disk is this error, not a SIGBUS on a later write."""
-        fd, path = tempfile.mkstemp(prefix=".spill-", dir=self.folder)
+        if numel == 0:
+            return torch.empty(0)
+        fd = path = None
         try:
-            try:
-                os.posix_fallocate(fd, 0, numel * 4)
-            except OSError as exc:
-                raise CompressionError(
-                    f"low_memory: cannot reserve {numel * 4 / 2**20:.0f} MiB for calibration activations in {self.folder}: "
-                    f"{exc.strerror}",
-                    hint="free disk space there, or set data.calibration.low_memory: false to keep them in memory") from None
+            fd, path = tempfile.mkstemp(prefix=".spill-", dir=self.folder)
+            os.posix_fallocate(fd, 0, numel * 4)
             t = torch.from_file(path, shared=True, size=numel, dtype=torch.float32)
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a file system that cannot map it
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise CompressionError(
+                f"low_memory: cannot keep {numel * 4 / 2**20:.0f} MiB of calibration activations in {self.folder}: {reason}",
+                hint="free disk space there, or set data.calibration.low_memory: false to keep them in memory") from None
         finally:
-            os.close(fd)
-            os.unlink(path)
+            if fd is not None:
+                os.close(fd)
+            if path is not None:
+                os.unlink(path)
         self._storages.append(weakref.ref(t.untyped_storage()))
         return t
 
