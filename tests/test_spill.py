@@ -40,7 +40,6 @@ def test_spill_buffer_keeps_its_contents_and_leaves_the_process_when_paged_out(t
     assert spill._storages == []  # freed with its last tensor
 
 
-
 def test_a_spill_that_cannot_reserve_its_blocks_names_the_folder_and_what_to_do(tmp_path, monkeypatch):
     import errno
     import os
