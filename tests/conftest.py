@@ -94,6 +94,16 @@ def tiny_models(tmp_path_factory, tokenizer_dir):
     return lambda arch: make_tiny_model(arch, root, tokenizer_dir)
 
 
+@pytest.fixture
+def full_disk(monkeypatch):
+    """os.posix_fallocate fails as on a full disk (ENOSPC)."""
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+
 def gptq_recipe(model_dir: Path, *, fmt: str = "compressed-tensors", group_size: int | None = 32, bits: int = 4,
                 symmetric: bool = True, samples: int = 8, seq_len: int = 64, kind: str = "gptq", **extra) -> dict:
     stage = {"kind": kind, "scheme": {"bits": bits, "group_size": group_size, "symmetric": symmetric}}

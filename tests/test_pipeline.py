@@ -127,21 +127,14 @@ def test_low_memory_gives_the_same_stage_files_and_is_recorded(arch, w8a8, tiny_
     assert all(st["cached"] for st in again["stages"])
 
 
-
-def test_low_memory_on_a_full_disk_is_a_clear_error_and_no_artifact(tiny_models, tmp_path, monkeypatch):
-    import errno
-    import os
-
-    def full(fd, offset, length):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(os, "posix_fallocate", full)
+def test_low_memory_on_a_full_disk_is_a_clear_error_and_no_artifact(tiny_models, tmp_path, full_disk):
     r = gptq_recipe(tiny_models("llama"))
     r["data"]["calibration"]["low_memory"] = True
     code, _, err = run_cli("run", str(write_recipe(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "run"), "--quiet")
     assert code == 5
     assert "No space left on device" in err and "low_memory: false" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "artifact").exists()
+
 
 def test_inspect_detects_a_tampered_file(tiny_models, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", gptq_recipe(tiny_models("qwen2")))

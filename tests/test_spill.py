@@ -40,16 +40,9 @@ def test_spill_buffer_keeps_its_contents_and_leaves_the_process_when_paged_out(t
     assert spill._storages == []  # freed with its last tensor
 
 
-def test_a_spill_that_cannot_reserve_its_blocks_names_the_folder_and_what_to_do(tmp_path, monkeypatch):
-    import errno
-    import os
-
+def test_a_spill_that_cannot_reserve_its_blocks_names_the_folder_and_what_to_do(tmp_path, full_disk):
     from kiln.errors import CompressionError
 
-    def full(fd, offset, length):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(os, "posix_fallocate", full)
     with pytest.raises(CompressionError, match=r"cannot keep 64 MiB .* in .*: No space left on device") as err:
         Spill(tmp_path).empty(16 * 2**20)
     assert "low_memory: false" in err.value.hint
