@@ -40,7 +40,10 @@ def per_channel_int8(W: torch.Tensor) -> torch.Tensor:
 
 class ProbeLinear(nn.Module):
     def __init__(self, lin: nn.Linear, quantize_inputs: bool, R: torch.Tensor | None):
+        from kiln.compress.w8a8 import quantize_per_token
+
         super().__init__()
+        self.quantize_per_token = quantize_per_token
         W = lin.weight.data.float()
         self.R = R
         self.W = per_channel_int8(W if R is None else W @ R)
@@ -48,12 +51,10 @@ class ProbeLinear(nn.Module):
         self.quantize_inputs = quantize_inputs
 
     def forward(self, x):
-        from kiln.compress.w8a8 import quantize_per_token
-
         if self.R is not None:
             x = x @ self.R
         if self.quantize_inputs:
-            q, s = quantize_per_token(x)
+            q, s = self.quantize_per_token(x)
             x = q.float() * s
         y = x @ self.W.T
         return y if self.bias is None else y + self.bias
