@@ -91,6 +91,84 @@ def test_io_binding_keeps_the_cache_as_ort_values_and_changes_nothing(tiny_model
     assert (generate(bound, ids[:, :8], 6).tokens == generate(plain, ids[:, :8], 6).tokens).all()
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_cache_written_in_place_decodes_as_the_growing_one(arch, tiny_models, tmp_path):
+    """GroupQueryAttention with past and present bound to one buffer (what generate does on the CPU)
+    against a cache that grows by a copy each step: same logits through Gemma's sliding window, same
+    greedy and sampled tokens at batch 2."""
+    from kiln.compile.runtime import OnnxDecoder, StaticCache, generate
+    from kiln.model import WeightStore
+
+    d = tiny_models(arch)
+    growing, _, _ = _export(d, WeightStore(d), tmp_path)
+    in_place = OnnxDecoder(tmp_path / "model.onnx", shared_cache=True)
+    assert in_place.shared_cache and not OnnxDecoder(tmp_path / "model.onnx", shared_cache=False).shared_cache
+    assert OnnxDecoder(tmp_path / "model.onnx").shared_cache  # the CPU default for kiln's graphs
+    ids = np.random.default_rng(4).integers(0, 512, (2, 70))
+    cache = in_place.static_cache(2, 70)
+    lg, same = in_place.forward(ids[:, :50], np.ones((2, 50)), cache)
+    assert same is cache and isinstance(cache, StaticCache)
+    outs = [lg]
+    for t in range(50, 70):
+        lg, _ = in_place.forward(ids[:, t : t + 1], np.ones((2, t + 1)), cache)
+        outs.append(lg)
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), _cached_logits(growing, ids, 50), atol=1e-5)
+    growing.shared_cache = False
+    for kw in ({}, {"temperature": 0.8, "top_k": 20, "seed": 3}):
+        assert (generate(in_place, ids[:, :12], 20, **kw).tokens == generate(growing, ids[:, :12], 20, **kw).tokens).all()
+    with pytest.raises(ValueError, match="static cache of 2 x 70"):
+        in_place.forward(ids[:, :1], np.ones((2, 71)), cache)
+
+
+def test_caches_pair_by_name_whatever_the_order_of_the_outputs(tiny_models, tmp_path):
+    """onnxruntime-genai's builder lists every present key, then every value; the decoder must feed
+    present.N.value back as past_key_values.N.value, not by position."""
+    import onnx
+
+    from kiln.compile.runtime import OnnxDecoder
+    from kiln.model import WeightStore
+
+    d = tiny_models("llama")
+    dec, model, _ = _export(d, WeightStore(d), tmp_path)
+    outs = list(model.graph.output)
+    reordered = [outs[0]] + sorted(outs[1:], key=lambda o: (o.name.endswith(".value"), int(o.name.split(".")[1])))
+    assert [o.name for o in reordered] != [o.name for o in outs]
+    del model.graph.output[:]
+    model.graph.output.extend(reordered)
+    onnx.save(model, str(tmp_path / "reordered.onnx"))  # beside model.onnx.data, which it names
+    ids = np.random.default_rng(5).integers(0, 512, (1, 30))
+    for shared in (False, True):
+        other = OnnxDecoder(tmp_path / "reordered.onnx", shared_cache=shared)
+        assert other.outputs[2].endswith(".key") and other.outputs[2] != "present.0.value"
+        if shared:
+            cache = other.static_cache(1, 30)
+            got = [other.forward(ids[:, :20], np.ones((1, 20)), cache)[0]]
+            got += [other.forward(ids[:, t : t + 1], np.ones((1, t + 1)), cache)[0] for t in range(20, 30)]
+            got = np.concatenate(got, axis=1)
+        else:
+            got = _cached_logits(other, ids, 20)
+        np.testing.assert_allclose(got, _cached_logits(dec, ids, 20), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_onnxruntime_genai_generates_our_tokens_from_a_shared_cache(arch, tiny_models, tmp_path):
+    """genai_config.json asks onnxruntime-genai for one in-place cache buffer (as its own builder
+    does); every family's graph then generates, past Gemma's sliding window, the tokens kiln's loop does."""
+    pytest.importorskip("onnxruntime_genai")
+    from kiln.compile import build_target
+    from kiln.compile.genai import genai_generate
+    from kiln.compile.runtime import OnnxDecoder, generate
+    from kiln.compile.targets import CpuTarget
+    from kiln.model import WeightStore
+
+    d = tiny_models(arch)
+    build_target(CpuTarget(target="cpu"), d, WeightStore(d), tmp_path / "cpu")
+    assert json.loads((tmp_path / "cpu" / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
+    prompt = np.random.default_rng(6).integers(0, 512, (1, 20))
+    ours = generate(OnnxDecoder(tmp_path / "cpu" / "model.onnx"), prompt, 24).tokens[0].tolist()
+    assert genai_generate(tmp_path / "cpu", prompt[0].tolist(), 24) == ours
+
+
 def _quantized_store(model_dir, tmp_path, bits, group_size, symmetric, w8a8=False):
     from kiln.arch import is_linear, is_transposed, weight_matrix
     from kiln.compress.quant import QuantScheme, rtn_quantize

@@ -1,5 +1,7 @@
 """genai_config.json: what onnxruntime-genai needs to load the compiled graph and generate with it.
-Our graph uses its input/output names; the cache is not a shared buffer (present = past + new)."""
+Our graph uses its input/output names; every kiln graph's attention is GroupQueryAttention, so the
+cache is one buffer of max_length positions that each step writes in place (past_present_share_buffer),
+as onnxruntime-genai's own builder configures its graphs."""
 
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ def genai_config(spec, config, generation: dict, filename: str, context_length: 
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": True,
             "repetition_penalty": 1.0,
             "temperature": float(generation.get("temperature", 1.0) or 1.0),
             "top_k": int(generation.get("top_k", 50) or 50),

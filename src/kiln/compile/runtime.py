@@ -52,7 +52,7 @@ class OnnxDecoder:
     """A compiled decoder session with its cache layout read from the graph's inputs."""
 
     def __init__(self, path: Path, provider: str = "CPUExecutionProvider", threads: int | None = None,
-                 config: dict | None = None, io_binding: bool | None = None):
+                 config: dict | None = None, io_binding: bool | None = None, shared_cache: bool | None = None):
         self.sess = session(path, provider, threads, config)
         # on a GPU the KV cache stays in device memory between steps (IO binding); only the ids, the
         # mask and the logits cross the bus. Default: on for every provider but the CPU's.
@@ -69,25 +69,53 @@ class OnnxDecoder:
             self.kv_heads, self.head_dim = dec["num_key_value_heads"], dec["head_size"]
         self.dtype = np.float16 if "float16" in k0.type else np.float32
         self.outputs = [o.name for o in self.sess.get_outputs()]
+        # caches pair by name, not by position: kiln's graphs list key, value per layer, onnxruntime-
+        # genai's builder all keys, then all values
+        self.past_names = [f"past_key_values.{i // 2}.{'value' if i % 2 else 'key'}" for i in range(2 * self.layers)]
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        missing = sorted(set(self.present_names) - set(self.outputs))
+        if missing:
+            raise InputError(f"{path}: the graph has no output {missing[0]} for its input "
+                             f"{missing[0].replace('present.', 'past_key_values.')}",
+                             hint="compile the model with kiln, or use a graph whose caches are named present.N.key / .value")
         # kiln's graphs compute logits for the last `logits_to_keep` positions (default 1); a graph
         # without that input (an older artifact, another builder's) computes them for every position
         self.keeps_last = "logits_to_keep" in ins or any(
             i.name == "logits_to_keep" for i in self.sess.get_overridable_initializers())
+        # GroupQueryAttention writes the new step into the cache in place when its past and present are
+        # one buffer: no copy of the whole cache per step. Default: on the CPU provider for graphs whose
+        # attention is GroupQueryAttention alone (every kiln graph); not yet run on a GPU, so off there
+        self.shared_cache = (provider == "CPUExecutionProvider" and _attention_ops(path) == {"GroupQueryAttention"}
+                             if shared_cache is None else shared_cache)
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
         z = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
         return [z] * (2 * self.layers)
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: list, last_only: bool = False):
+    def static_cache(self, batch: int, length: int) -> StaticCache:
+        """A cache of `length` positions that every forward pass writes in place (see `shared_cache`)."""
+        import onnxruntime as ort
+
+        arrays = [np.zeros((batch, self.kv_heads, length, self.head_dim), self.dtype) for _ in self.past_names]
+        values = [ort.OrtValue.ortvalue_from_numpy(a, self.cache_device, 0) for a in arrays]
+        return StaticCache(batch, length, arrays if self.cache_device == "cpu" else [], values)
+
+    def new_cache(self, batch: int, length: int) -> list | StaticCache:
+        """The cache a generation of `length` positions in all starts from."""
+        return self.static_cache(batch, length) if self.shared_cache else self.empty_cache(batch)
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache, last_only: bool = False):
         """Logits (numpy) and the present cache: numpy arrays, or with IO binding OrtValues where the
-        provider keeps them (pass them back as they are). Logits cover every position of input_ids,
-        or with `last_only` the last at least (every position where the graph cannot choose)."""
-        names = [f"past_key_values.{i // 2}.{'value' if i % 2 else 'key'}" for i in range(2 * self.layers)]
+        provider keeps them (pass them back as they are), or the same StaticCache, now written to.
+        Logits cover every position of input_ids, or with `last_only` the last at least (every
+        position where the graph cannot choose)."""
         keep = {"logits_to_keep": np.asarray(1 if last_only else 0, np.int64)} if self.keeps_last else {}
+        if isinstance(cache, StaticCache):
+            return self._forward_in_place(input_ids, attention_mask, cache, keep), cache
         if not self.io_binding:
             feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64), **keep}
-            feed.update(zip(names, cache))
-            out = self.sess.run(None, feed)
+            feed.update(zip(self.past_names, cache))
+            out = self.sess.run([self.outputs[0], *self.present_names], feed)
             return out[0], out[1:]
         import onnxruntime as ort
 
@@ -96,23 +124,59 @@ class OnnxDecoder:
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
         for name, v in keep.items():  # an input with a default binds only as an OrtValue
             io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(v))
-        for name, c in zip(names, cache):
+        for name, c in zip(self.past_names, cache):
             if isinstance(c, np.ndarray):
                 io.bind_cpu_input(name, c)
             else:
                 io.bind_ortvalue_input(name, c)
         io.bind_output(self.outputs[0], "cpu")
-        for name in self.outputs[1:]:
+        for name in self.present_names:
             io.bind_output(name, self.cache_device)
         self.sess.run_with_iobinding(io)
         out = io.get_outputs()
         return out[0].numpy(), list(out[1:])
+
+    def _forward_in_place(self, input_ids, attention_mask, cache: StaticCache, keep: dict) -> np.ndarray:
+        import onnxruntime as ort
+
+        if attention_mask.shape != (cache.batch, attention_mask.shape[1]) or attention_mask.shape[1] > cache.length:
+            raise ValueError(f"a static cache of {cache.batch} x {cache.length} positions cannot take a mask of "
+                             f"shape {attention_mask.shape}")
+        io = self.sess.io_binding()
+        io.bind_output(self.outputs[0], "cpu")  # first, so that it is get_outputs()[0]
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        for name, v in keep.items():
+            io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(v))
+        for past, present, v in zip(self.past_names, self.present_names, cache.values):
+            io.bind_ortvalue_input(past, v)
+            io.bind_ortvalue_output(present, v)
+        self.sess.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Logits of full windows (no cache), float32."""
         b = input_ids.shape[0]
         lg, _ = self.forward(input_ids, np.ones_like(input_ids), self.empty_cache(b))
         return lg.astype(np.float32)
+
+
+@dataclass
+class StaticCache:
+    """Past and present keys and values of every layer, `length` positions each, bound as one buffer
+    per tensor; positions past the attention mask's length are not read."""
+
+    batch: int
+    length: int
+    arrays: list  # the numpy buffers the CPU OrtValues view; kept alive with them
+    values: list
+
+
+def _attention_ops(path: Path) -> set[str]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {n.op_type for n in model.graph.node if n.op_type in ("GroupQueryAttention", "MultiHeadAttention", "Attention")}
 
 
 @dataclass
@@ -130,7 +194,7 @@ def generate(dec: OnnxDecoder, prompt: np.ndarray, max_new_tokens: int, *, tempe
     batch = prompt.shape[0]
     mask = np.ones_like(prompt)
     t0 = time.perf_counter()
-    logits, cache = dec.forward(prompt, mask, dec.empty_cache(batch), last_only=True)
+    logits, cache = dec.forward(prompt, mask, dec.new_cache(batch, prompt.shape[1] + max_new_tokens), last_only=True)
     gen = Generation(np.zeros((batch, 0), np.int64), time.perf_counter() - t0)
     done = np.zeros(batch, bool)
     for step in range(max_new_tokens):
