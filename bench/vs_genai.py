@@ -119,10 +119,10 @@ class KilnRunner:
     """kiln.compile.runtime: ONNX Runtime sessions, the KV cache written in place where the graph's
     attention allows it (GroupQueryAttention: both graphs here); a step's time is its forward pass."""
 
-    def __init__(self, folder: Path, threads: int):
+    def __init__(self, folder: Path, threads: int, shared_cache: bool | None = None):
         from kiln.compile.runtime import OnnxDecoder
 
-        self.dec = OnnxDecoder(folder / "model.onnx", threads=threads)
+        self.dec = OnnxDecoder(folder / "model.onnx", threads=threads, shared_cache=shared_cache)
 
     def prefill(self, prompt: np.ndarray, length: int) -> float:
         t = time.perf_counter()
@@ -177,6 +177,8 @@ class GenaiRunner:
 
 
 def runner_for(runtime: str, folder: Path, threads: int):
+    if runtime == "kiln-growing":  # kiln's runtime as it was: present = past + new, a new cache each step
+        return KilnRunner(folder, threads, shared_cache=False)
     return {"kiln": KilnRunner, "genai": GenaiRunner}[runtime](folder, threads)
 
 
@@ -250,6 +252,7 @@ def graph_facts(path: Path) -> dict:
 
 KILN, GENAI, PRUNED = "kiln", "onnxruntime-genai", "onnxruntime-genai prune_lm_head"
 GENAI_IN_KILN, KILN_IN_GENAI = "genai graph, kiln runtime", "kiln graph, genai runtime"
+KILN_GROWING = "kiln, growing cache"
 SPEED_KEYS = ("prefill_ms", "decode_ms_p50", "decode_ms_p95", "decode_tok_s_b1", "decode_tok_s_batch")
 
 
@@ -294,7 +297,7 @@ def main() -> None:
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--paired", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--windows-npy", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--runtime", choices=("kiln", "genai"), default="kiln", help=argparse.SUPPRESS)
+    ap.add_argument("--runtime", choices=("kiln", "kiln-growing", "genai"), default="kiln", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure, args.windows_npy, args.prompt_len, args.decode_tokens, args.batch,
@@ -352,11 +355,13 @@ def main() -> None:
     engines[GENAI] = (builds[GENAI][0], "genai", False)
     engines[GENAI_IN_KILN] = (builds[GENAI][0], "kiln", True)
     engines[KILN_IN_GENAI] = (kiln_dir, "genai", False)
+    engines[KILN_GROWING] = (kiln_dir, "kiln-growing", False)
     if PRUNED in builds:  # its logits are the last position's only: no perplexity
         engines[PRUNED] = (builds[PRUNED][0], "kiln", False)
     res[KILN] = {"build_s": compile_s}
     res[GENAI_IN_KILN] = dict(res[GENAI])
     res[KILN_IN_GENAI] = dict(res[KILN])
+    res[KILN_GROWING] = dict(res[KILN])
 
     shape = ["--windows-npy", str(work / "windows.npy"), "--prompt-len", str(args.prompt_len), "--decode-tokens",
              str(args.decode_tokens), "--batch", str(args.batch), "--batch-prompt", str(args.batch_prompt),
@@ -372,8 +377,8 @@ def main() -> None:
         res[name] = {**alone, "alone": {k: alone[k] for k in SPEED_KEYS}, "peak_rss_bytes": alone["serving_peak_rss_bytes"],
                      "child_peak_rss_bytes": r["peak_rss_bytes"], "bandwidth_gbs": bandwidth, "runtime": runtime,
                      **graph_facts(folder / "model.onnx"), **res[name]}
-    for name, (folder, runtime, _) in engines.items():  # a graph's bytes are the same in either runtime
-        if runtime != "kiln":
+    for name, (folder, runtime, _) in engines.items():
+        if runtime != "kiln":  # a graph's bytes are read in its kiln-runtime child
             twin = next(n for n, (f, rt, _) in engines.items() if f == folder and rt == "kiln")
             res[name].update({k: res[twin][k] for k in ("file_bytes", "step_bytes", "table_bytes", "total_bytes")})
     print(f"[paired] {len(engines)} engines in one process, {args.rounds} rounds", file=sys.stderr)
@@ -388,7 +393,8 @@ def main() -> None:
     a, b, c = res[KILN], res[GENAI], res[GENAI_IN_KILN]
     rows = {KILN: "kiln: its graph, its runtime", GENAI: "onnxruntime-genai: its graph, its runtime",
             KILN_IN_GENAI: "kiln's graph in onnxruntime-genai's runtime", GENAI_IN_KILN: "onnxruntime-genai's graph in kiln's runtime",
-            PRUNED: "onnxruntime-genai prune_lm_head graph in kiln's runtime"}
+            PRUNED: "onnxruntime-genai prune_lm_head graph in kiln's runtime",
+            KILN_GROWING: "kiln, a new cache each step (kiln's runtime before 4408586)"}
     lines = [f"kiln vs onnxruntime-genai builder — {model.origin}, {args.threads} threads, "
              f"{args.windows}×{ev_cfg.seq_len} evaluation tokens, kiln commit {code_version()}",
              "",
@@ -402,6 +408,7 @@ def main() -> None:
              f"file {a['file_bytes'] / b['file_bytes']:.2f} (medians of {args.rounds} rounds in one process, then per round)",
              f"graph for graph in kiln's runtime: {_ratio_line(res, rounds, KILN, GENAI_IN_KILN, args.batch)}",
              f"graph for graph in onnxruntime-genai's runtime: {_ratio_line(res, rounds, KILN_IN_GENAI, GENAI, args.batch)}",
+             f"kiln's in-place cache / a new cache each step, same graph: {_ratio_line(res, rounds, KILN, KILN_GROWING, args.batch)}",
              *([f"kiln / {PRUNED} graph, both in kiln's runtime: {_ratio_line(res, rounds, KILN, PRUNED, args.batch)}"]
                if PRUNED in res else []),
              "measured alone (one child per engine, one pass each; ±20% between processes): " + "; ".join(
