@@ -126,6 +126,7 @@ def test_caches_pair_by_name_whatever_the_order_of_the_outputs(tiny_models, tmp_
     import onnx
 
     from kiln.compile.runtime import OnnxDecoder
+    from kiln.errors import InputError
     from kiln.model import WeightStore
 
     d = tiny_models("llama")
@@ -148,6 +149,12 @@ def test_caches_pair_by_name_whatever_the_order_of_the_outputs(tiny_models, tmp_
         else:
             got = _cached_logits(other, ids, 20)
         np.testing.assert_allclose(got, _cached_logits(dec, ids, 20), atol=1e-5)
+    old = model.graph.output[3].name  # a graph whose caches cannot be paired: named, not a traceback
+    node = next(n for n in model.graph.node if old in n.output)
+    node.output[list(node.output).index(old)] = model.graph.output[3].name = "present_3"
+    onnx.save(model, str(tmp_path / "unnamed.onnx"))
+    with pytest.raises(InputError, match="no output present.0.value for its input past_key_values.0.value"):
+        OnnxDecoder(tmp_path / "unnamed.onnx")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

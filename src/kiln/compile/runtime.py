@@ -139,7 +139,7 @@ class OnnxDecoder:
     def _forward_in_place(self, input_ids, attention_mask, cache: StaticCache, keep: dict) -> np.ndarray:
         import onnxruntime as ort
 
-        if attention_mask.shape != (cache.batch, attention_mask.shape[1]) or attention_mask.shape[1] > cache.length:
+        if attention_mask.shape[0] != cache.batch or attention_mask.shape[1] > cache.length:
             raise ValueError(f"a static cache of {cache.batch} x {cache.length} positions cannot take a mask of "
                              f"shape {attention_mask.shape}")
         io = self.sess.io_binding()
