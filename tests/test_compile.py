@@ -170,7 +170,9 @@ def test_onnxruntime_genai_generates_our_tokens_from_a_shared_cache(arch, tiny_m
 
     d = tiny_models(arch)
     build_target(CpuTarget(target="cpu"), d, WeightStore(d), tmp_path / "cpu")
-    assert json.loads((tmp_path / "cpu" / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
+    config = json.loads((tmp_path / "cpu" / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"]
+    assert config["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 0  # ORT's default: all cores
     prompt = np.random.default_rng(6).integers(0, 512, (1, 20))
     ours = generate(OnnxDecoder(tmp_path / "cpu" / "model.onnx"), prompt, 24).tokens[0].tolist()
     assert genai_generate(tmp_path / "cpu", prompt[0].tolist(), 24) == ours

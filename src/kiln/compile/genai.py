@@ -25,12 +25,18 @@ def genai_config(spec, config, generation: dict, filename: str, context_length: 
     pad = generation.get("pad_token_id", getattr(config, "pad_token_id", None))
     pad = _first(pad if pad is not None else eos)
     provider_options = [{provider: dict(CUDA_OPTIONS) if provider == "cuda" else {}}] if provider else []
+    session = {"log_id": "kiln", "provider_options": provider_options}
+    if not provider:
+        # onnxruntime-genai 0.18 left without a count ran one intra-op thread on a 2-core machine
+        # (half the decode speed); 0 is ONNX Runtime's own default, one per physical core, what kiln's
+        # sessions get
+        session["intra_op_num_threads"] = 0
     return {
         "model": {
             "bos_token_id": bos,
             "context_length": context_length,
             "decoder": {
-                "session_options": {"log_id": "kiln", "provider_options": provider_options},
+                "session_options": session,
                 "filename": filename,
                 "head_size": spec.head_dim,
                 "hidden_size": spec.hidden,
