@@ -142,15 +142,19 @@ class OnnxDecoder:
         if attention_mask.shape[0] != cache.batch or attention_mask.shape[1] > cache.length:
             raise ValueError(f"a static cache of {cache.batch} x {cache.length} positions cannot take a mask of "
                              f"shape {attention_mask.shape}")
-        io = self.sess.io_binding()
-        io.bind_output(self.outputs[0], "cpu")  # first, so that it is get_outputs()[0]
+        io = cache.binding
+        if io is None:  # the cache is bound once; a step rebinds only what changes (binding costs ~µs a name)
+            io = cache.binding = self.sess.io_binding()
+            io.bind_output(self.outputs[0], "cpu")  # first, so that it is get_outputs()[0]
+            for past, present, v in zip(self.past_names, self.present_names, cache.values):
+                io.bind_ortvalue_input(past, v)
+                io.bind_ortvalue_output(present, v)
+        else:
+            io.bind_output(self.outputs[0], "cpu")  # a new logits tensor each step: the last one is returned
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
         for name, v in keep.items():
             io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(v))
-        for past, present, v in zip(self.past_names, self.present_names, cache.values):
-            io.bind_ortvalue_input(past, v)
-            io.bind_ortvalue_output(present, v)
         self.sess.run_with_iobinding(io)
         return io.get_outputs()[0].numpy()
 
@@ -170,6 +174,7 @@ class StaticCache:
     length: int
     arrays: list  # the numpy buffers the CPU OrtValues view; kept alive with them
     values: list
+    binding: object = None  # the session's IOBinding with these values bound, made on first use
 
 
 def _attention_ops(path: Path) -> set[str]:
