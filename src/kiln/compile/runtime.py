@@ -69,6 +69,9 @@ class OnnxDecoder:
             self.kv_heads, self.head_dim = dec["num_key_value_heads"], dec["head_size"]
         self.dtype = np.float16 if "float16" in k0.type else np.float32
         self.outputs = [o.name for o in self.sess.get_outputs()]
+        out0 = self.sess.get_outputs()[0]
+        self.vocab = out0.shape[-1] if isinstance(out0.shape[-1], int) else None
+        self.logits_dtype = np.float16 if "float16" in out0.type else np.float32
         # caches pair by name, not by position: kiln's graphs list key, value per layer, onnxruntime-
         # genai's builder all keys, then all values
         self.past_names = [f"past_key_values.{i // 2}.{'value' if i % 2 else 'key'}" for i in range(2 * self.layers)]
@@ -145,18 +148,33 @@ class OnnxDecoder:
         io = cache.binding
         if io is None:  # the cache is bound once; a step rebinds only what changes (binding costs ~µs a name)
             io = cache.binding = self.sess.io_binding()
-            io.bind_output(self.outputs[0], "cpu")  # first, so that it is get_outputs()[0]
+            io.bind_output(self.outputs[0], "cpu")  # first, so that it stays get_outputs()[0]
             for past, present, v in zip(self.past_names, self.present_names, cache.values):
                 io.bind_ortvalue_input(past, v)
                 io.bind_ortvalue_output(present, v)
-        else:
-            io.bind_output(self.outputs[0], "cpu")  # a new logits tensor each step: the last one is returned
+            for name, v in keep.items():
+                io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(v))
+        elif keep and int(keep["logits_to_keep"]) != cache.keep:
+            io.bind_ortvalue_input("logits_to_keep", ort.OrtValue.ortvalue_from_numpy(keep["logits_to_keep"]))
+        cache.keep = int(keep["logits_to_keep"]) if keep else None
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        for name, v in keep.items():
-            io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(v))
+        # logits into a buffer of their known shape (the last position, or every one): reading them back
+        # is then a copy of one array, not a wrap of every output
+        # one row of logits (a decode step, or the last position of a prompt) goes into a buffer bound
+        # once: reading it back is then one small copy, not a wrap of every output. Other shapes (the
+        # graph declares one row) are left to ORT to allocate
+        rows = 1 if input_ids.shape[1] == 1 or (keep and int(keep["logits_to_keep"]) == 1) else input_ids.shape[1]
+        if rows != 1 or self.vocab is None:
+            cache.logits = None
+            io.bind_output(self.outputs[0], "cpu")
+            self.sess.run_with_iobinding(io)
+            return io.get_outputs()[0].numpy()
+        if cache.logits is None or cache.logits.shape[0] != input_ids.shape[0]:
+            cache.logits = np.empty((input_ids.shape[0], 1, self.vocab), self.logits_dtype)
+            io.bind_ortvalue_output(self.outputs[0], ort.OrtValue.ortvalue_from_numpy(cache.logits))
         self.sess.run_with_iobinding(io)
-        return io.get_outputs()[0].numpy()
+        return cache.logits.copy()
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Logits of full windows (no cache), float32."""
@@ -174,7 +192,9 @@ class StaticCache:
     length: int
     arrays: list  # the numpy buffers the CPU OrtValues view; kept alive with them
     values: list
-    binding: object = None  # the session's IOBinding with these values bound, made on first use
+    binding: object = None  # the IOBinding, with these values bound, of the decoder whose static_cache made it
+    logits: np.ndarray | None = None  # the buffer the logits output is bound to
+    keep: int | None = None  # the logits_to_keep bound
 
 
 def _attention_ops(path: Path) -> set[str]:
