@@ -159,8 +159,6 @@ class OnnxDecoder:
         cache.keep = int(keep["logits_to_keep"]) if keep else None
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        # logits into a buffer of their known shape (the last position, or every one): reading them back
-        # is then a copy of one array, not a wrap of every output
         # one row of logits (a decode step, or the last position of a prompt) goes into a buffer bound
         # once: reading it back is then one small copy, not a wrap of every output. Other shapes (the
         # graph declares one row) are left to ORT to allocate
