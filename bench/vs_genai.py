@@ -24,9 +24,10 @@ windows (kiln's runtime, full windows, no cache), prefill latency of a PROMPT_LE
 of 3, asking for the last position's logits where the graph lets it choose), decode ms/token at batch 1
 (p50, p95 over DECODE_TOKENS steps), tokens/s at batch BATCH, file size. Each graph/runtime pair is
 first measured alone in a child: speeds (kept in results.json as "alone") and the peak RSS they
-reached (VmHWM, read before anything else runs), then with kiln's runtime perplexity, file and step bytes. Speeds drift on a shared machine by ±20% from
-one process to the next, so the table's speeds come from one more child that loads every pair and
-measures them in turn ROUNDS times, each first in turn: drift then falls on all of them alike.
+reached (VmHWM, read before anything else runs), then with kiln's runtime perplexity, file and step
+bytes. Speeds drift on a shared machine by ±20% from one process to the next, so the table's speeds
+come from one more child that loads every pair and measures them in turn ROUNDS times, each first in
+turn: drift then falls on all of them alike.
 The table gives the median of each speed over rounds, and the ratio lines the per-round ratios.
 The memory-bandwidth bound of one decode step is the bytes of weights a step reads (every
 initializer except tables read by Gather and the rotary tables) over a measured read bandwidth
