@@ -118,6 +118,13 @@ def test_a_cache_written_in_place_decodes_as_the_growing_one(arch, tiny_models, 
         assert (generate(in_place, ids[:, :12], 20, **kw).tokens == generate(growing, ids[:, :12], 20, **kw).tokens).all()
     with pytest.raises(ValueError, match="static cache of 2 x 70"):
         in_place.forward(ids[:, :1], np.ones((2, 71)), cache)
+    fresh = in_place.static_cache(1, 52)  # logits_to_keep 1, then 0 for a two-token step: rebound
+    first = in_place.forward(ids[:1, :50], np.ones((1, 50)), fresh, last_only=True)[0]
+    two = in_place.forward(ids[:1, 50:52], np.ones((1, 52)), fresh)[0]
+    ref = growing.logits(ids[:1, :52])
+    np.testing.assert_allclose(first, ref[:, 49:50], atol=1e-5)
+    assert two.shape == (1, 2, 512)
+    np.testing.assert_allclose(two, ref[:, 50:52], atol=1e-5)
 
 
 def test_caches_pair_by_name_whatever_the_order_of_the_outputs(tiny_models, tmp_path):
