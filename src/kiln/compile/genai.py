@@ -28,8 +28,8 @@ def genai_config(spec, config, generation: dict, filename: str, context_length: 
     session = {"log_id": "kiln", "provider_options": provider_options}
     if not provider:
         # onnxruntime-genai 0.18 left without a count ran one intra-op thread on a 2-core machine
-        # (half the decode speed); 0 is ONNX Runtime's own default, one per physical core, what kiln's
-        # sessions get
+        # (SmolLM2 decoded at 10.2 against 6.1 ms a step); 0 is ONNX Runtime's own default, one per
+        # physical core, what kiln's sessions get
         session["intra_op_num_threads"] = 0
     return {
         "model": {
