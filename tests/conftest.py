@@ -104,6 +104,7 @@ def full_disk(monkeypatch):
 
     monkeypatch.setattr(os, "posix_fallocate", full)
 
+
 def gptq_recipe(model_dir: Path, *, fmt: str = "compressed-tensors", group_size: int | None = 32, bits: int = 4,
                 symmetric: bool = True, samples: int = 8, seq_len: int = 64, kind: str = "gptq", **extra) -> dict:
     stage = {"kind": kind, "scheme": {"bits": bits, "group_size": group_size, "symmetric": symmetric}}

@@ -24,10 +24,11 @@ def _export(model_dir, store, tmp_path, **opts):
     return OnnxDecoder(tmp_path / "model.onnx"), model, kinds
 
 
-def _cached_logits(dec, ids: np.ndarray, split: int) -> np.ndarray:
-    """Prefill ids[:, :split], then one token at a time through the returned cache."""
+def _cached_logits(dec, ids: np.ndarray, split: int, cache=None) -> np.ndarray:
+    """Prefill ids[:, :split], then one token at a time through the returned cache (from an empty
+    one, or `cache`, e.g. a static cache written in place)."""
     b = ids.shape[0]
-    lg, cache = dec.forward(ids[:, :split], np.ones((b, split)), dec.empty_cache(b))
+    lg, cache = dec.forward(ids[:, :split], np.ones((b, split)), dec.empty_cache(b) if cache is None else cache)
     outs = [lg]
     for t in range(split, ids.shape[1]):
         lg, cache = dec.forward(ids[:, t : t + 1], np.ones((b, t + 1)), cache)
@@ -105,14 +106,10 @@ def test_a_cache_written_in_place_decodes_as_the_growing_one(arch, tiny_models, 
     assert in_place.shared_cache and not OnnxDecoder(tmp_path / "model.onnx", shared_cache=False).shared_cache
     assert OnnxDecoder(tmp_path / "model.onnx").shared_cache  # the CPU default for kiln's graphs
     ids = np.random.default_rng(4).integers(0, 512, (2, 70))
+    one = in_place.static_cache(2, 1)
+    assert isinstance(one, StaticCache) and in_place.forward(ids[:, :1], np.ones((2, 1)), one)[1] is one
     cache = in_place.static_cache(2, 70)
-    lg, same = in_place.forward(ids[:, :50], np.ones((2, 50)), cache)
-    assert same is cache and isinstance(cache, StaticCache)
-    outs = [lg]
-    for t in range(50, 70):
-        lg, _ = in_place.forward(ids[:, t : t + 1], np.ones((2, t + 1)), cache)
-        outs.append(lg)
-    np.testing.assert_allclose(np.concatenate(outs, axis=1), _cached_logits(growing, ids, 50), atol=1e-5)
+    np.testing.assert_allclose(_cached_logits(in_place, ids, 50, cache), _cached_logits(growing, ids, 50), atol=1e-5)
     growing.shared_cache = False
     for kw in ({}, {"temperature": 0.8, "top_k": 20, "seed": 3}):
         assert (generate(in_place, ids[:, :12], 20, **kw).tokens == generate(growing, ids[:, :12], 20, **kw).tokens).all()
@@ -148,13 +145,7 @@ def test_caches_pair_by_name_whatever_the_order_of_the_outputs(tiny_models, tmp_
     for shared in (False, True):
         other = OnnxDecoder(tmp_path / "reordered.onnx", shared_cache=shared)
         assert other.outputs[2].endswith(".key") and other.outputs[2] != "present.0.value"
-        if shared:
-            cache = other.static_cache(1, 30)
-            got = [other.forward(ids[:, :20], np.ones((1, 20)), cache)[0]]
-            got += [other.forward(ids[:, t : t + 1], np.ones((1, t + 1)), cache)[0] for t in range(20, 30)]
-            got = np.concatenate(got, axis=1)
-        else:
-            got = _cached_logits(other, ids, 20)
+        got = _cached_logits(other, ids, 20, other.static_cache(1, 30) if shared else None)
         np.testing.assert_allclose(got, _cached_logits(dec, ids, 20), atol=1e-5)
     old = model.graph.output[3].name  # a graph whose caches cannot be paired: named, not a traceback
     node = next(n for n in model.graph.node if old in n.output)

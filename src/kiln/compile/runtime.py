@@ -68,8 +68,9 @@ class OnnxDecoder:
             dec = json.loads((Path(path).parent / "genai_config.json").read_text())["model"]["decoder"]
             self.kv_heads, self.head_dim = dec["num_key_value_heads"], dec["head_size"]
         self.dtype = np.float16 if "float16" in k0.type else np.float32
-        self.outputs = [o.name for o in self.sess.get_outputs()]
-        out0 = self.sess.get_outputs()[0]
+        outs = self.sess.get_outputs()
+        self.outputs = [o.name for o in outs]
+        out0 = outs[0]
         self.vocab = out0.shape[-1] if isinstance(out0.shape[-1], int) else None
         self.logits_dtype = np.float16 if "float16" in out0.type else np.float32
         # caches pair by name, not by position: kiln's graphs list key, value per layer, onnxruntime-
@@ -152,18 +153,16 @@ class OnnxDecoder:
             for past, present, v in zip(self.past_names, self.present_names, cache.values):
                 io.bind_ortvalue_input(past, v)
                 io.bind_ortvalue_output(present, v)
-            for name, v in keep.items():
-                io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(v))
-        elif keep and int(keep["logits_to_keep"]) != cache.keep:
+        k = int(keep["logits_to_keep"]) if keep else None
+        if k is not None and k != cache.keep:  # an input with a default binds only as an OrtValue
             io.bind_ortvalue_input("logits_to_keep", ort.OrtValue.ortvalue_from_numpy(keep["logits_to_keep"]))
-        cache.keep = int(keep["logits_to_keep"]) if keep else None
+        cache.keep = k
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
         # one row of logits (a decode step, or the last position of a prompt) goes into a buffer bound
         # once: reading it back is then one small copy, not a wrap of every output. Other shapes (the
         # graph declares one row) are left to ORT to allocate
-        rows = 1 if input_ids.shape[1] == 1 or (keep and int(keep["logits_to_keep"]) == 1) else input_ids.shape[1]
-        if rows != 1 or self.vocab is None:
+        if (input_ids.shape[1] != 1 and k != 1) or self.vocab is None:
             cache.logits = None
             io.bind_output(self.outputs[0], "cpu")
             self.sess.run_with_iobinding(io)
