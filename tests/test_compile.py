@@ -176,7 +176,8 @@ def test_onnxruntime_genai_generates_our_tokens_from_a_shared_cache(arch, tiny_m
     assert genai_generate(tmp_path / "cpu", prompt[0].tolist(), 24) == ours
 
 
-def _quantized_store(model_dir, tmp_path, bits, group_size, symmetric, w8a8=False):
+def _quantized_store(model_dir, tmp_path, bits, group_size, symmetric, w8a8=False, bits_of=None):
+    """Every linear but the head RTN-quantized; `bits_of` (module → bits) overrides the width."""
     from kiln.arch import is_linear, is_transposed, weight_matrix
     from kiln.compress.quant import QuantScheme, rtn_quantize
     from kiln.model import WeightStore, build_skeleton, materialize, save_overlay
@@ -185,7 +186,8 @@ def _quantized_store(model_dir, tmp_path, bits, group_size, symmetric, w8a8=Fals
     store = WeightStore(model_dir)
     materialize(model, "", store)
     act = QuantScheme(bits=8, group_size=None) if w8a8 else None
-    q = {f"{n}.weight": (rtn_quantize(weight_matrix(m), QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric)),
+    bits_of = bits_of or {}
+    q = {f"{n}.weight": (rtn_quantize(weight_matrix(m), QuantScheme(bits=bits_of.get(n, bits), group_size=group_size, symmetric=symmetric)),
                          is_transposed(m), act)
          for n, m in model.named_modules() if is_linear(m) and n not in ("lm_head",)}
     save_overlay(tmp_path / "q.safetensors", {}, q)
@@ -219,6 +221,27 @@ def test_quantized_export_carries_our_grid(arch, bits, group_size, symmetric, w8
         ref = load_full(d, store)(ids).logits.numpy()
     assert np.abs(dec.logits(ids.numpy()) - ref).max() < 1e-4
     assert np.abs(_cached_logits(dec, ids.numpy(), 30) - ref).max() < 1e-4
+
+
+def test_linears_reading_one_input_run_as_one_product_only_where_their_grids_agree(tiny_models, tmp_path):
+    """q/k/v and gate/up become one MatMulNBits each where their bits, blocks and zero points agree;
+    a layer whose up_proj is 8-bit against a 4-bit gate keeps both. Either way the graph gives kiln's
+    own model's logits."""
+    from kiln.compile.graph import op_histogram
+    from kiln.model import load_full
+
+    d = tiny_models("llama")
+    store, _ = _quantized_store(d, tmp_path, 4, 32, False, bits_of={"model.layers.0.mlp.up_proj": 8})
+    dec, model, kinds = _export(d, store, tmp_path)
+    assert {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.1.mlp.gate_up_proj",
+            "model.layers.0.self_attn.qkv_proj", "model.layers.1.self_attn.qkv_proj"} <= set(kinds)
+    assert "model.layers.1.mlp.gate_proj" not in kinds and "model.layers.0.mlp.gate_up_proj" not in kinds
+    assert op_histogram(model)["com.microsoft.MatMulNBits"] == len(kinds) == 9
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = load_full(d, store)(ids).logits.numpy()
+    assert np.abs(dec.logits(ids.numpy()) - ref).max() < 1e-4
+    assert np.abs(_cached_logits(dec, ids.numpy(), 16) - ref).max() < 1e-4
 
 
 @pytest.mark.parametrize("bits,group_size,symmetric,K", [(4, 32, True, 72), (4, 48, False, 96), (4, None, False, 72),
@@ -277,9 +300,9 @@ def test_run_compiles_checks_and_ships_onnx(tiny_models, tmp_path):
     cpu = m["compile"]["targets"]["cpu"]
     assert cpu["parity"]["passed"] and cpu["parity"]["top1_agreement"] >= 0.995
     assert abs(cpu["parity"]["perplexity_rel"]) <= 0.005
-    assert cpu["op_histogram"]["com.microsoft.MatMulNBits"] == 2 * 5  # fused QKV, O, gate, up, down per layer
+    assert cpu["op_histogram"]["com.microsoft.MatMulNBits"] == 2 * 4  # fused QKV, O, fused gate/up, down per layer
     assert cpu["op_histogram"]["com.microsoft.GroupQueryAttention"] == 2
-    assert cpu["linears"] == {"nbits": 10}
+    assert cpu["linears"] == {"nbits": 8}
     assert "op_histogram_optimized" in cpu
     assert cpu["onnxruntime_genai"]["tokens_match"]
     assert len(cpu["generation"]["tokens"]) == 8
