@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from conftest import ARCHS, gptq_recipe, run_cli, run_json, write_recipe
 
@@ -458,6 +459,86 @@ def test_replayed_passes_give_what_full_passes_give(arch, w8a8):
     if fold:  # keeping only attention's inputs needs a buffer of the activations' size
         hidden_mib = sum(h.numel() for h in inputs.hidden) * 4 / 2**20
         assert len(pools[2].free) == 1 and saved_mib(pools[2]) == hidden_mib < saved_mib(pools[1])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_norm_feeding_a_replayed_submodule_is_not_computed(arch):
+    """While attention or the MLP is replayed or silenced, the norm whose output only it reads hands
+    its input on uncomputed: in a layer whose steps are already probed, the norm before attention
+    runs in attention's own two passes (q/k/v, o) and no other, and the layer's outputs are those of
+    the run that computes it every time."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+    from kiln.arch import decoder_layout, is_linear
+    from kiln.compress.engine import LayerInputs, StageOutput, _find_feeders, _probe, _weights_stage, capture_layer_inputs
+    from kiln.compress.gptq import GPTQConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    layout = decoder_layout(model)
+    layers = model.get_submodule(layout.layers_path)
+    prefix = layout.layer_name(0)
+    names = [f"{prefix}.{n}" for n, m in layers[0].named_modules() if is_linear(m)]
+    inputs = capture_layer_inputs(model, layers, torch.randint(0, 512, (4, 48)), batch_size=2)
+    _, tails = _probe(layers[0], prefix, {n: model.get_submodule(n) for n in names}, inputs, 0)
+    tails = _find_feeders(layers[0], model, tails, inputs, 0)
+    feeders = {t.path: t.feeder for t in tails.values()}
+    assert feeders == {
+        "gpt2": {"attn": "ln_1", "mlp": "ln_2"}, "opt": {"self_attn": "self_attn_layer_norm"},
+        "gemma3_text": {"self_attn": "input_layernorm", "mlp": "pre_feedforward_layernorm"},
+    }.get(arch, {"self_attn": "input_layernorm", "mlp": "post_attention_layernorm"})
+
+    stage = GPTQConfig(scheme={"bits": 4, "group_size": 16})
+    norm = layers[1].get_submodule(feeders[next(iter(feeders))])
+    computed = []
+    norm.register_forward_hook(lambda mod, args, out: computed.append(out is not args[0]))
+    outs = []
+    for replay in (True, False):  # the copy carries the hook
+        m = copy.deepcopy(model) if replay else model
+        run, probes = LayerInputs([h.clone() for h in inputs.hidden], inputs.extras), {}
+        for i in (0, 1):
+            computed.clear()  # layer 1's passes only: its steps come from layer 0's probe
+            _weights_stage(m, m.get_submodule(layout.layers_path)[i], i, [n.replace(prefix, layout.layer_name(i), 1) for n in names],
+                           stage, run, frozenset(), {}, StageOutput(), propagate=True, replay=replay, probes=probes)
+        outs.append((run.hidden, sum(computed), len(computed)))
+    (h_replay, n_replay, _), (h_full, n_full, calls_full) = outs
+    assert all(torch.equal(a, b) for a, b in zip(h_replay, h_full))
+    assert n_replay == 2 * len(inputs.hidden) < n_full == calls_full
+
+
+def test_a_norm_whose_output_is_also_read_elsewhere_keeps_running():
+    """A parallel block adds the norm's output itself as well as attention's: the candidate feeder
+    fails the exact check and stays computed while attention is replayed."""
+    from kiln.compress.engine import LayerInputs, _find_feeders, _probe
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.o_proj = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.o_proj(torch.tanh(self.q_proj(x)))
+
+    class Block(nn.Module):
+        def __init__(self, shared: bool):
+            super().__init__()
+            self.norm, self.attn, self.shared = nn.LayerNorm(8), Attention(), shared
+
+        def forward(self, h):
+            x = self.norm(h)
+            return h + self.attn(x) + (x if self.shared else 0)
+
+    torch.manual_seed(0)
+    inputs = LayerInputs([torch.randn(2, 5, 8)], [[((), {})]])
+    for shared, expected in ((False, "norm"), (True, None)):
+        block = Block(shared)
+        mods = {f"b.attn.{n}": getattr(block.attn, n) for n in ("q_proj", "o_proj")}
+        _, tails = _probe(block, "b", mods, inputs, 0)
+        assert tails["b.attn.o_proj"].path == "attn" and tails["b.attn.o_proj"].feeder == "norm"  # the candidate
+        assert _find_feeders(block, block, tails, inputs, 0)["b.attn.o_proj"].feeder == expected
 
 
 def test_slab_pool_lends_the_smallest_buffer_that_holds_a_request():

@@ -134,6 +134,17 @@ def test_damped_factor_is_the_upper_cholesky_factor_of_the_inverse():
     assert torch.allclose(U.double(), torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("n,block", [(300, 128), (256, 64), (40, 256)])
+def test_triangular_inverse_by_column_blocks_is_the_inverse(n, block):
+    from kiln.compress.gptq import lower_triangular_inverse
+
+    X = torch.randn(2 * n, n, dtype=torch.float64)
+    M = torch.linalg.cholesky(X.T @ X / n + 0.1 * torch.eye(n, dtype=torch.float64))
+    Minv = lower_triangular_inverse(M, block)
+    assert torch.equal(Minv, Minv.tril())
+    assert torch.allclose(Minv, torch.linalg.solve_triangular(M, torch.eye(n, dtype=torch.float64), upper=False), rtol=1e-10, atol=1e-12)
+
+
 def test_non_finite_hessian_names_the_layer():
     H = torch.eye(8)
     H[0, 0] = float("nan")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
 import math
 import time
@@ -233,9 +234,12 @@ def _run_layer(layer: nn.Module, inputs: LayerInputs, i: int, before_batch=None,
 class _Tail:
     """A submodule of the layer (attention, MLP) whose output is the output of its last linear, alone
     (`arity` None) or first in a tuple of Nones: once that linear is final, later passes replay the
-    submodule as that linear applied to the inputs it saw, instead of running everything in it again."""
+    submodule as that linear applied to the inputs it saw, instead of running everything in it again.
+    `feeder` is the module (a norm) whose output is the submodule's input and nothing else's: while
+    the submodule is replayed or silenced, it hands its input on uncomputed (see _find_feeders)."""
     path: str  # the submodule, relative to the layer
     arity: int | None
+    feeder: str | None = None
 
 
 def _probe(layer: nn.Module, prefix: str, mods: dict[str, nn.Module], inputs: LayerInputs, i: int) -> tuple[list[list[str]], dict[str, _Tail]]:
@@ -246,6 +250,7 @@ def _probe(layer: nn.Module, prefix: str, mods: dict[str, nn.Module], inputs: La
     order: list[str] = []
     feeds: dict[str, torch.Tensor] = {}  # held, so that no later tensor can take a freed one's address
     outputs: dict[str, object] = {}
+    entered: dict[str, object] = {}  # submodule → the tensor it was called on
     calls: dict[str, int] = {}
 
     def pre(name):
@@ -261,8 +266,14 @@ def _probe(layer: nn.Module, prefix: str, mods: dict[str, nn.Module], inputs: La
             outputs[path] = output
         return fn
 
+    def enter(path):
+        def fn(module, args, kwargs):
+            entered[path] = args[0] if args else kwargs.get("hidden_states")
+        return fn
+
     handles = [m.register_forward_pre_hook(pre(n)) for n, m in mods.items()]
     handles += [m.register_forward_hook(post(p)) for p, m in layer.named_modules() if p]
+    handles += [m.register_forward_pre_hook(enter(p), with_kwargs=True) for p, m in layer.named_modules() if p]
     try:
         _run_layer(layer, inputs.first_batch(i), i)
     finally:
@@ -290,7 +301,10 @@ def _probe(layer: nn.Module, prefix: str, mods: dict[str, nn.Module], inputs: La
                                            and all(o is None for o in out[1:]) else -1)
             inside = [n for n in mods if n.startswith(f"{prefix}.{path}.")]
             if calls.get(path) == 1 and arity != -1 and all(step_of.get(n, len(steps)) <= k for n in inside):
-                tails[step[0]] = _Tail(path, arity)
+                x = entered.get(path)
+                feeder = next((p for p, o in outputs.items() if o is x and x is not None and calls[p] == 1 and p != path
+                               and not p.startswith(path + ".") and not any(n.startswith(f"{prefix}.{p}.") for n in mods)), None)
+                tails[step[0]] = _Tail(path, arity, feeder)  # a candidate feeder: _find_feeders checks it
                 break
     return steps + [[n] for n in mods if n not in feeds], tails  # never reached (should not happen): last
 
@@ -318,6 +332,31 @@ def _find_fold(layer: nn.Module, model: nn.Module, tails: dict[str, _Tail], inpu
     finally:
         zeros.close()
     return (first, last) if y[0].shape == y2[0].shape and torch.equal(y[0], y2[0]) else None
+
+
+def _find_feeders(layer: nn.Module, model: nn.Module, tails: dict[str, _Tail], inputs: LayerInputs, i: int) -> dict[str, _Tail]:
+    """`tails` with each candidate feeder kept only where the layer's output on the first calibration
+    batch, the tail silenced, is exactly the same whether the feeder runs or hands its input on: then
+    its output goes nowhere but into the tail, and passes that replay the tail need not compute it
+    (the norm before attention in every pass after attention's last linear, and so on)."""
+    one = inputs.first_batch(i)
+    checked = {}
+    for name, tail in tails.items():
+        keep = None
+        if tail.feeder is not None:
+            replays = _Replays(layer, model, one.hidden)
+            try:
+                replays.zero(dataclasses.replace(tail, feeder=None))
+                y = _run_layer(layer, one, i)
+                replays.zero(tail)
+                y2 = _run_layer(layer, one, i)
+                keep = tail.feeder if y[0].shape == y2[0].shape and torch.equal(y[0], y2[0]) else None
+            except (RuntimeError, TypeError, ValueError, IndexError, AttributeError):
+                keep = None
+            finally:
+                replays.close()
+        checked[name] = dataclasses.replace(tail, feeder=keep)
+    return checked
 
 
 class _Replays:
@@ -380,15 +419,20 @@ class _Replays:
         self._patch(tail, forward)
 
     def unpatch(self, tail: _Tail) -> None:
-        sub = self.layer.get_submodule(tail.path)
-        if sub in self.patched:
-            del sub.forward
-            self.patched.discard(sub)
+        for path in (tail.path, tail.feeder):
+            sub = self.layer.get_submodule(path) if path is not None else None
+            if sub in self.patched:
+                del sub.forward
+                self.patched.discard(sub)
 
     def _patch(self, tail: _Tail, forward) -> None:
         sub = self.layer.get_submodule(tail.path)
         sub.forward = forward
         self.patched.add(sub)
+        if tail.feeder is not None:
+            feeder = self.layer.get_submodule(tail.feeder)
+            feeder.forward = _hand_on
+            self.patched.add(feeder)
 
     def fold(self, linear: str, tail: _Tail, later: _Tail, run_in_place) -> None:
         """Add the replayed `tail`'s contribution into the activations themselves, once: one pass
@@ -416,6 +460,11 @@ class _Replays:
         self.patched.clear()
         for linear in list(self.saved):
             self.release(linear)
+
+
+def _hand_on(x, *args, **kwargs):
+    """A feeder's forward while its tail does not read it (see _Tail)."""
+    return x
 
 
 def _group_inputs(layer: nn.Module, module: nn.Module, inputs: LayerInputs, i: int,
@@ -627,6 +676,7 @@ def _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out
         probes = {} if probes is None else probes
         if key not in probes:  # kept relative to the layer, so that the next layer can use them
             found_steps, found_tails = _probe(layer, prefix, mods, inputs, i)
+            found_tails = _find_feeders(layer, model, found_tails, inputs, i)
             found_fold = _find_fold(layer, model, found_tails, inputs, i)
             probes[key] = ([[n_[len(prefix):] for n_ in st] for st in found_steps],
                            {n_[len(prefix):]: t for n_, t in found_tails.items()},
