@@ -389,20 +389,14 @@ def test_true_sequential_hessians_come_from_quantized_inputs(arch, tiny_models):
     assert last and not torch.allclose(float_h[last[-1]], quant_h[last[-1]], rtol=1e-3)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("w8a8", [False, True], ids=["w4a16", "w8a8"])
-def test_replayed_passes_give_what_full_passes_give(arch, w8a8):
-    """The sequential passes replay a finished attention/MLP from its last linear's saved inputs
-    instead of running it again; the rewritten weights and the propagated activations must be the
-    very numbers that full passes give (W8A8 linears running as int8 in both)."""
-    import copy
-
+def _tiny_layers(arch: str):
+    """A seeded tiny model of `arch`, its layout, its decoder layers, layer 0's name and linears, and
+    what enters each layer for 4 × 48 random tokens in batches of 2."""
     from transformers import AutoModelForCausalLM
 
     from conftest import tiny_config
     from kiln.arch import decoder_layout, is_linear
-    from kiln.compress.engine import LayerInputs, SlabPool, StageOutput, _find_fold, _probe, _weights_stage, capture_layer_inputs
-    from kiln.compress.gptq import GPTQConfig
+    from kiln.compress.engine import capture_layer_inputs
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
@@ -411,6 +405,21 @@ def test_replayed_passes_give_what_full_passes_give(arch, w8a8):
     prefix = layout.layer_name(0)
     names = [f"{prefix}.{n}" for n, m in layers[0].named_modules() if is_linear(m)]
     inputs = capture_layer_inputs(model, layers, torch.randint(0, 512, (4, 48)), batch_size=2)
+    return model, layout, layers, prefix, names, inputs
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("w8a8", [False, True], ids=["w4a16", "w8a8"])
+def test_replayed_passes_give_what_full_passes_give(arch, w8a8):
+    """The sequential passes replay a finished attention/MLP from its last linear's saved inputs
+    instead of running it again; the rewritten weights and the propagated activations must be the
+    very numbers that full passes give (W8A8 linears running as int8 in both)."""
+    import copy
+
+    from kiln.compress.engine import LayerInputs, SlabPool, StageOutput, _find_fold, _probe, _weights_stage
+    from kiln.compress.gptq import GPTQConfig
+
+    model, layout, layers, prefix, names, inputs = _tiny_layers(arch)
     steps, tails = _probe(layers[0], prefix, {n: model.get_submodule(n) for n in names}, inputs, 0)
     rel = lambda n: n[len(prefix) + 1 :]  # noqa: E731
     assert [[rel(n).rsplit(".", 1)[-1] for n in step] for step in steps] == {
@@ -469,20 +478,10 @@ def test_the_norm_feeding_a_replayed_submodule_is_not_computed(arch):
     the run that computes it every time."""
     import copy
 
-    from transformers import AutoModelForCausalLM
-
-    from conftest import tiny_config
-    from kiln.arch import decoder_layout, is_linear
-    from kiln.compress.engine import LayerInputs, StageOutput, _find_feeders, _probe, _weights_stage, capture_layer_inputs
+    from kiln.compress.engine import LayerInputs, StageOutput, _find_feeders, _probe, _weights_stage
     from kiln.compress.gptq import GPTQConfig
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
-    layout = decoder_layout(model)
-    layers = model.get_submodule(layout.layers_path)
-    prefix = layout.layer_name(0)
-    names = [f"{prefix}.{n}" for n, m in layers[0].named_modules() if is_linear(m)]
-    inputs = capture_layer_inputs(model, layers, torch.randint(0, 512, (4, 48)), batch_size=2)
+    model, layout, layers, prefix, names, inputs = _tiny_layers(arch)
     _, tails = _probe(layers[0], prefix, {n: model.get_submodule(n) for n in names}, inputs, 0)
     tails = _find_feeders(layers[0], model, tails, inputs, 0)
     feeders = {t.path: t.feeder for t in tails.values()}

@@ -136,11 +136,11 @@ def test_damped_factor_is_the_upper_cholesky_factor_of_the_inverse():
 
 @pytest.mark.parametrize("n,block", [(300, 128), (256, 64), (40, 256)])
 def test_triangular_inverse_by_column_blocks_is_the_inverse(n, block):
-    from kiln.compress.gptq import lower_triangular_inverse
+    from kiln.compress.gptq import lower_triangular_inverse_
 
     X = torch.randn(2 * n, n, dtype=torch.float64)
     M = torch.linalg.cholesky(X.T @ X / n + 0.1 * torch.eye(n, dtype=torch.float64))
-    Minv = lower_triangular_inverse(M, block)
+    Minv = lower_triangular_inverse_(M.clone(), block)
     assert torch.equal(Minv, Minv.tril())
     assert torch.allclose(Minv, torch.linalg.solve_triangular(M, torch.eye(n, dtype=torch.float64), upper=False), rtol=1e-10, atol=1e-12)
 

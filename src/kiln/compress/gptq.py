@@ -104,7 +104,7 @@ def _upper_cholesky_of_inverse(H: torch.Tensor, shift: float) -> torch.Tensor | 
     del A
     if int(info) != 0:
         return None
-    Minv = lower_triangular_inverse(M)
+    Minv = lower_triangular_inverse_(M)
     del M
     U = Minv.float()
     del Minv
@@ -112,18 +112,19 @@ def _upper_cholesky_of_inverse(H: torch.Tensor, shift: float) -> torch.Tensor | 
     return U if bool(torch.isfinite(U).all()) else None
 
 
-def lower_triangular_inverse(M: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """M⁻¹ for a lower-triangular M, a block of columns at a time. Column block [j, j + b) of M⁻¹ is
-    zero above row j, so it solves M[j:, j:] X = I[j:, j:j+b] alone: about n³/3 multiply-adds in
-    all, against n³ for one solve against the whole identity."""
+def lower_triangular_inverse_(M: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """M⁻¹ in place of a lower-triangular M (zeros above the diagonal), a block of columns at a
+    time. Column block [j, j + b) of M⁻¹ is zero above row j, so it solves M[j:, j:] X = I[j:, j:j+b]
+    alone: about n³/3 multiply-adds in all, against n³ for one solve against the whole identity.
+    Later blocks read only M's columns from j + b on, so X overwrites columns [j, j + b): besides M,
+    the largest thing alive is the solver's copy of M[j:, j:], smaller than a second n × n."""
     n = M.shape[0]
-    Minv = torch.zeros_like(M)
     for j in range(0, n, block):
         e = min(j + block, n)
         rhs = torch.zeros(n - j, e - j, dtype=M.dtype)
         rhs[: e - j].fill_diagonal_(1.0)
-        Minv[j:, j:e] = torch.linalg.solve_triangular(M[j:, j:], rhs, upper=False)
-    return Minv
+        M[j:, j:e] = torch.linalg.solve_triangular(M[j:, j:], rhs, upper=False)
+    return M
 
 
 def _effective_block(block_size: int, group_size: int | None) -> int:
