@@ -302,8 +302,9 @@ def _probe(layer: nn.Module, prefix: str, mods: dict[str, nn.Module], inputs: La
             inside = [n for n in mods if n.startswith(f"{prefix}.{path}.")]
             if calls.get(path) == 1 and arity != -1 and all(step_of.get(n, len(steps)) <= k for n in inside):
                 x = entered.get(path)
-                feeder = next((p for p, o in outputs.items() if o is x and x is not None and calls[p] == 1 and p != path
-                               and not p.startswith(path + ".") and not any(n.startswith(f"{prefix}.{p}.") for n in mods)), None)
+                feeder = None if x is None else next(
+                    (p for p, o in outputs.items() if o is x and calls[p] == 1 and p != path and not p.startswith(path + ".")
+                     and not any(n.startswith(f"{prefix}.{p}.") for n in mods)), None)
                 tails[step[0]] = _Tail(path, arity, feeder)  # a candidate feeder: _find_feeders checks it
                 break
     return steps + [[n] for n in mods if n not in feeds], tails  # never reached (should not happen): last

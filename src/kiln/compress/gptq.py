@@ -97,17 +97,14 @@ def _upper_cholesky_of_inverse(H: torch.Tensor, shift: float) -> torch.Tensor | 
     With J the order-reversing permutation, J(H + shift·I)J = MMᵀ (M lower) gives
     (H + shift·I)⁻¹ = (JM⁻ᵀJ)(JM⁻¹J), and U = JM⁻¹J is upper triangular: half the work of inverting
     and factoring again, and at most two n×n float64 matrices alive (5632² of them: 254 MB each)."""
-    n = H.shape[0]
     A = H.flip(0, 1).double()
     A.diagonal().add_(shift)
     M, info = torch.linalg.cholesky_ex(A)
     del A
     if int(info) != 0:
         return None
-    Minv = lower_triangular_inverse_(M)
+    U = lower_triangular_inverse_(M).float()  # M⁻¹, in M's storage
     del M
-    U = Minv.float()
-    del Minv
     U = U.flip(0, 1)
     return U if bool(torch.isfinite(U).all()) else None
 
