@@ -201,3 +201,78 @@ def test_validate_json(tiny_models, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", gptq_recipe(tiny_models("opt")))
     out = run_json("validate", str(recipe))
     assert out["valid"] and out["modules"] == {"compress[0]": 12}
+
+
+def test_a_damaged_stage_file_is_run_again_not_trusted(tiny_models, tmp_path):
+    """Resume trusts a finished stage only if its files still have the digests recorded when it
+    finished: a flipped byte, a truncated file or an unreadable result.json reruns that stage, and
+    the rerun rebuilds the very same files."""
+    recipe = write_recipe(tmp_path / "r.yaml", gptq_recipe(tiny_models("llama")))
+    run_dir = tmp_path / "run"
+    first = run_json("run", str(recipe), "--out", str(run_dir), "--quiet")
+    stage = next((run_dir / "stages").iterdir())
+    layer = stage / "layer-001.safetensors"
+    original = layer.read_bytes()
+    artifact_files = json.loads((run_dir / "artifact" / "manifest.json").read_text())["files"]
+
+    def damage_and_rerun(damage) -> dict:
+        damage()
+        shutil.rmtree(run_dir / "artifact")
+        code, out, err = run_cli("run", str(recipe), "--out", str(run_dir), "--json")
+        assert code == 0, err
+        assert f"cached stage {stage.name} is damaged" in err
+        assert layer.read_bytes() == original
+        assert json.loads((run_dir / "artifact" / "manifest.json").read_text())["files"] == artifact_files
+        return json.loads(out)
+
+    flipped = bytearray(original)
+    flipped[-1] ^= 0xFF
+    for damage in (lambda: layer.write_bytes(bytes(flipped)), lambda: layer.write_bytes(original[: len(original) // 2]),
+                   layer.unlink, lambda: (stage / "result.json").write_text("{")):
+        again = damage_and_rerun(damage)
+        assert again["stages"][0]["cached"] is False
+        assert again["metrics"]["compressed"]["perplexity"] == first["metrics"]["compressed"]["perplexity"]
+    assert run_json("run", str(recipe), "--out", str(run_dir), "--quiet")["stages"][0]["cached"] is True
+
+
+def test_a_run_folder_under_a_file_is_refused_before_anything_loads(tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    recipe = write_recipe(tmp_path / "r.yaml", gptq_recipe(tmp_path / "no-such-model"))  # never reached
+    code, out, err = run_cli("run", str(recipe), "--out", str(tmp_path / "taken" / "run"), "--json")
+    assert code == 4, err
+    error = json.loads(out)["error"]
+    assert error["exit_code"] == 4 and "taken is a file, not a folder" in error["message"]
+    assert "--out" in error["message"] and "Traceback" not in err
+    code, out, err = run_cli("run", str(recipe), "--out", str(tmp_path / "new" / "run"))  # the check passes, the model is missing
+    assert code == 4 and "no-such-model" in err
+    assert not (tmp_path / "new").exists()  # the folders made for the check are gone again
+
+
+@pytest.mark.parametrize("signum,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_unwinds_the_run_and_reports_json(signum, code, tmp_path, capsys):
+    """SIGTERM (timeout, systemd, Kubernetes) unwinds like Ctrl-C: the half-built folder is removed,
+    the exit code says which signal, --json still gets its error object, and the handler that was
+    there before is back afterwards."""
+    import os
+    import signal
+    import time
+
+    import typer
+
+    from kiln.cli import _guard
+    from kiln.pipeline import _atomic_dir
+
+    def build(tmp):
+        (tmp / "half-written").write_text("x")
+        os.kill(os.getpid(), getattr(signal, signum))
+        time.sleep(10)  # interrupted long before
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(typer.Exit) as exit_info:
+        _guard(lambda: _atomic_dir(tmp_path / "artifact", build), as_json=True)
+    assert exit_info.value.exit_code == code
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error == {"kind": "interrupted", "exit_code": code, "message": error["message"]}
+    assert signum in error["message"] and "resume" in error["message"]
+    assert list(tmp_path.iterdir()) == []  # neither the target nor its temporary folder
+    assert signal.getsignal(signal.SIGTERM) is before

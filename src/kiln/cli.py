@@ -3,7 +3,8 @@ so `kiln --help` stays instant.
 
 Exit codes: 0 ok · 1 internal error · 2 usage · 3 invalid recipe · 4 missing input ·
 5 compression failed · 6 evaluation failed · 7 artifact invalid · 8 compile failed · 9 gate failed
-(artifact written, marked rejected) · 10 publish failed.
+(artifact written, marked rejected) · 10 publish failed · 130 / 143 stopped by SIGINT / SIGTERM
+(rerun to resume).
 """
 
 from __future__ import annotations
@@ -20,19 +21,39 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pret
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout (progress stays on stderr)")]
 
 
+class _Terminated(BaseException):
+    """SIGTERM (what `timeout`, systemd and Kubernetes send) raised in the main thread, so that the
+    run unwinds as it does on Ctrl-C: temporary folders removed, finished stages kept."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def _fail(as_json: bool, label: str, code: int, message: str) -> typer.Exit:
+    if as_json:
+        print(json.dumps({"error": {"kind": label, "exit_code": code, "message": message}}))
+    typer.echo(f"kiln: {label}: {message}", err=True)
+    return typer.Exit(code)
+
+
 def _guard(fn: Callable[[], dict | None], as_json: bool) -> None:
+    import signal
+
     from kiln.errors import KilnError
 
+    resume = "rerun the same command to resume"
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         result = fn()
     except KilnError as exc:
-        if as_json:
-            print(json.dumps({"error": {"kind": exc.label, "exit_code": exc.exit_code, "message": str(exc)}}))
-        typer.echo(f"kiln: {exc.label}: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
+        raise _fail(as_json, exc.label, exc.exit_code, str(exc)) from None
     except KeyboardInterrupt:
-        typer.echo("kiln: interrupted; rerun the same command to resume", err=True)
-        raise typer.Exit(130) from None
+        raise _fail(as_json, "interrupted", 130, f"stopped by Ctrl-C (SIGINT); {resume}") from None
+    except _Terminated:
+        raise _fail(as_json, "interrupted", 143, f"stopped by SIGTERM; {resume}") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if result is not None and as_json:
         print(json.dumps(result, indent=2))
 

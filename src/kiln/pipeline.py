@@ -8,6 +8,7 @@ into place.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -239,6 +240,55 @@ def plan_recipe(recipe: Recipe) -> Plan:
 # --- running -------------------------------------------------------------------------------------
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """The run folder must be a folder kiln can write, known before any model loads. Checked by
+    doing it: the folders made for the check are removed again, so a recipe error after it leaves
+    nothing behind."""
+    from kiln.errors import InputError
+
+    hint = "pass --out a folder path that you can write to (it is created if missing)"
+    missing = []
+    for p in (out_dir, *out_dir.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise InputError(f"run folder {out_dir}: {p} is a file, not a folder", hint=hint)
+            break
+        missing.append(p)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as exc:
+        raise InputError(f"run folder {out_dir}: cannot write there: {exc.strerror or exc}", hint=hint) from None
+    finally:
+        for p in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cached_result(result_file: Path, ctx: RunContext, label: str) -> dict | None:
+    """A finished stage's result, if its folder is intact: result.json readable and every file it
+    lists there with the digest recorded when the stage finished. Anything else (a file truncated,
+    changed or deleted since) means the stage runs again, said in one line."""
+    try:
+        result = json.loads(result_file.read_text())
+        damaged = [f for f, digest in result.get("digests", {}).items()
+                   if not (result_file.parent / f).is_file() or _file_sha256(result_file.parent / f) != digest]
+    except (OSError, ValueError, AttributeError) as exc:
+        damaged = [f"{result_file.name} ({exc})"]
+    if damaged:
+        ctx.log(f"[yellow]{label}: cached stage {result_file.parent.name} is damaged ({', '.join(damaged)}); running it again[/yellow]")
+        return None
+    return result
+
+
 def _atomic_dir(target: Path, build) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a run that was killed
@@ -258,8 +308,7 @@ def _run_stage(plan: Plan, sp: StagePlan, store, calib, run_dir: Path, ctx: RunC
 
     stage_dir = run_dir / "stages" / sp.dirname
     result_file = stage_dir / "result.json"
-    if result_file.exists():
-        result = json.loads(result_file.read_text())
+    if result_file.exists() and (result := _cached_result(result_file, ctx, f"{label}[{sp.index}]")) is not None:
         result["cached"] = True
         return result
 
@@ -277,7 +326,8 @@ def _run_stage(plan: Plan, sp: StagePlan, store, calib, run_dir: Path, ctx: RunC
                                     trust_remote_code=plan.recipe.model.trust_remote_code, sparse=sparse, **passes)
         result = {"index": sp.index, "kind": sp.config.kind, "key": sp.key,
                   "config": sp.config.model_dump(mode="json"), "modules": sp.targets,
-                  "module_stats": out.modules, "extra": out.extra, "files": [f.name for f in out.files], **m.as_dict()}
+                  "module_stats": out.modules, "extra": out.extra, "files": [f.name for f in out.files],
+                  "digests": {f.name: _file_sha256(f) for f in out.files}, **m.as_dict()}
         (tmp / "result.json").write_text(json.dumps(result, indent=2))
 
     ctx.log(f"[bold]{label}[{sp.index}][/bold] {sp.config.kind}: {len(sp.targets)} layers")
@@ -318,7 +368,10 @@ def _evaluate(name: str, key: str, plan: Plan, store, eval_sets: dict, run_dir: 
     key = _key(key, _tasks_key(ev))
     cache = run_dir / "evals" / f"{name}-{key[:16]}.json"
     if cache.exists():
-        return json.loads(cache.read_text())
+        try:
+            return json.loads(cache.read_text())
+        except (OSError, ValueError) as exc:
+            ctx.log(f"[yellow]evaluate[{name}]: cached result {cache} is unreadable ({exc}); measuring again[/yellow]")
     with ctx.meter(f"evaluate[{name}]") as m:
         model = load_full(plan.model.path, store, plan.recipe.model.trust_remote_code)
         ppl = {}
@@ -371,6 +424,7 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
     from kiln.model import STORAGE, WeightStore
 
     out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
     with ctx.meter("plan") as plan_meter:
         model = resolve_model(recipe.model)
         plan = make_plan(recipe, model)
