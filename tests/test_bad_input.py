@@ -90,3 +90,106 @@ def test_missing_text_column(tiny_models, tmp_path):
 def test_sequence_longer_than_model(tiny_models, tmp_path):
     r = gptq_recipe(tiny_models("gpt2"), fmt="kiln", seq_len=1024)
     _assert_fails(tmp_path, write_recipe(tmp_path / "r.yaml", r), 3, "exceeds the model's 512 positions")
+
+
+def _copy_model(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_unknown_model_type(tiny_models, tmp_path):
+    model = _copy_model(tiny_models("llama"), tmp_path / "frob")
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "model_type": "frobnicator"}))
+    p = write_recipe(tmp_path / "r.yaml", gptq_recipe(model))
+    _assert_fails(tmp_path, p, 4, str(model), "'frobnicator'", "transformers", "llama")
+    rc, _, stderr = run_cli("validate", str(p))
+    assert rc == 4 and "'frobnicator'" in stderr and "Traceback" not in stderr
+
+
+def test_config_not_json(tiny_models, tmp_path):
+    model = _copy_model(tiny_models("llama"), tmp_path / "badjson")
+    (model / "config.json").write_text('{"model_type": "llama",,}')
+    _assert_fails(tmp_path, write_recipe(tmp_path / "r.yaml", gptq_recipe(model)), 4,
+                  str(model / "config.json"), "not valid JSON", "line 1, column 24")
+
+
+def test_truncated_weights(tiny_models, tmp_path):
+    import os
+
+    model = _copy_model(tiny_models("llama"), tmp_path / "trunc")
+    weights = model / "model.safetensors"
+    size = weights.stat().st_size
+    os.truncate(weights, size - 1000)
+    p = write_recipe(tmp_path / "r.yaml", gptq_recipe(model))
+    _assert_fails(tmp_path, p, 4, str(weights), f"header says {size} bytes, the file has {size - 1000}")
+    rc, _, stderr = run_cli("validate", str(p))
+    assert rc == 4 and "truncated or corrupt" in stderr
+
+
+def test_unusable_cache_dir(tiny_models, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("KILN_CACHE", str(blocker / "cache"))
+    _assert_fails(tmp_path, write_recipe(tmp_path / "r.yaml", gptq_recipe(tiny_models("llama"))), 4,
+                  f"KILN_CACHE={blocker / 'cache'}", "cannot create the folder", "hint:")
+
+
+def test_corrupt_digest_memo_is_recomputed(tmp_path, monkeypatch):
+    from kiln.paths import cached_sha256, sha256_file
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    memo = tmp_path / "cache" / "digests.json"
+    memo.parent.mkdir()
+    memo.write_text('{"truncated": ')
+    f = tmp_path / "data.txt"
+    f.write_text("some bytes")
+    assert cached_sha256(f) == sha256_file(f)
+    assert list(json.loads(memo.read_text()).values()) == [sha256_file(f)]
+
+
+def test_relative_path_typo_is_not_a_hub_id(tiny_models, tmp_path, monkeypatch):
+    import time
+
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    start = time.monotonic()
+    _assert_fails(tmp_path, write_recipe(tmp_path / "r.yaml", gptq_recipe("models/lama")), 4,
+                  "model not found: models/lama")
+    assert time.monotonic() - start < 30
+
+
+def test_hub_id_not_cached_offline(tmp_path):
+    _assert_fails(tmp_path, write_recipe(tmp_path / "r.yaml", gptq_recipe("someorg/some-model")), 4,
+                  "'someorg/some-model' is not a local path and not in the Hugging Face cache", "HF_HUB_OFFLINE")
+
+
+def test_hub_id_unreachable_hub_fails_at_once(tmp_path, monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
+    start = time.monotonic()
+    _assert_fails(tmp_path, write_recipe(tmp_path / "r.yaml", gptq_recipe("someorg/some-model")), 4,
+                  "not in the Hugging Face cache", "the hub could not be reached")
+    assert time.monotonic() - start < 30
+
+
+def test_tensors_renamed_by_transformers(tiny_models, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    model = tmp_path / "neox"
+    config = GPTNeoXConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=512, tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model)
+    for f in tiny_models("llama").iterdir():
+        if "token" in f.name:
+            shutil.copy2(f, model / f.name)
+    _assert_fails(tmp_path, write_recipe(tmp_path / "r.yaml", gptq_recipe(model)), 4,
+                  "(gpt_neox)", "no tensor named lm_head.weight", "embed_out")

@@ -30,6 +30,33 @@ def stored_dtype(shape, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if len(shape) <= 1 else dtype
 
 
+def safetensors_keys(path: Path) -> list[str]:
+    """The tensor names in a safetensors file, read from its header alone, after checking that the
+    file is as long as the header says: a truncated download fails here, naming the file, rather
+    than at the first read of a tensor near its end."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+        except (ValueError, UnicodeDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: not a safetensors file (its header cannot be read)",
+                         hint="re-download or re-save the checkpoint")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    try:
+        expected = 8 + n + max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise InputError(f"{path}: not a safetensors file (its header has no byte ranges)",
+                         hint="re-download or re-save the checkpoint") from None
+    if expected != size:
+        raise InputError(f"{path}: truncated or corrupt: its header says {expected} bytes, the file has {size}",
+                         hint="re-download or re-save the checkpoint")
+    return list(tensors)
+
+
 class WeightStore:
     """Name → tensor over a base checkpoint folder and stage overlay files (latest first)."""
 
@@ -152,11 +179,39 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
-def load_config(model_dir: Path, trust_remote_code: bool = False):
-    from transformers import AutoConfig
+def _config_json(model_dir: Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}",
+                         hint="fix or replace the checkpoint's config.json") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path} holds a JSON {type(cfg).__name__}, not an object of config fields")
+    return cfg
 
-    with _quiet_transformers():
-        return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+
+def load_config(model_dir: Path, trust_remote_code: bool = False):
+    """The model's transformers config; InputError naming the folder when config.json is not JSON
+    or names a model_type this transformers does not know."""
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from kiln.arch import DECODER_LAYERS
+
+    model_type = _config_json(model_dir).get("model_type")
+    if model_type is not None and model_type not in CONFIG_MAPPING and not trust_remote_code:
+        raise InputError(f"model {model_dir}: config.json has model_type {model_type!r}, which transformers "
+                         f"{transformers.__version__} does not know",
+                         hint=f"kiln handles the families transformers knows; its tables cover {', '.join(DECODER_LAYERS)}")
+    try:
+        with _quiet_transformers():
+            return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"model {model_dir}: transformers cannot read its config.json: {exc}") from None
 
 
 def build_skeleton(model_dir: Path, trust_remote_code: bool = False) -> nn.Module:
@@ -216,6 +271,23 @@ def materialize(model: nn.Module, prefix: str, store: WeightStore, aliases: dict
             if b is not None and b.is_meta:
                 name = f"{full_mod}.{leaf}" if full_mod else leaf
                 sub._buffers[leaf] = store.get(name).to(b.dtype)
+
+
+def check_checkpoint(model: nn.Module, model_dir: Path) -> None:
+    """Every parameter and persistent buffer of the skeleton is in the checkpoint under its module
+    name (a tied tensor under any of its names): checked at plan time, from the headers alone,
+    because `materialize` would only find a missing one when it reaches that module."""
+    keys = {k for f in sorted(Path(model_dir).glob("*.safetensors")) for k in safetensors_keys(f)}
+    aliases = tied_aliases(model)
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
+    names += [n for n, b in model.named_buffers() if b.is_meta]
+    missing = [n for n in names if not any(k in keys for k in [n, *aliases.get(n, [])])]
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise InputError(f"model {model_dir} ({model.config.model_type}): the checkpoint has no tensor named {shown}",
+                         hint="kiln reads each tensor under its module's name as stored in the file; a family whose "
+                              "tensors transformers renames while loading (gpt_neox: embed_out → lm_head) or an "
+                              "incomplete checkpoint cannot be compressed (README: Architectures)")
 
 
 def release(model: nn.Module, prefix: str) -> None:

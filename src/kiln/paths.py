@@ -13,8 +13,17 @@ from kiln.errors import InputError
 
 
 def cache_dir() -> Path:
-    root = Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln"))
-    root.mkdir(parents=True, exist_ok=True)
+    """kiln's cache folder ($KILN_CACHE, default ~/.cache/kiln), created on first use."""
+    setting = os.environ.get("KILN_CACHE")
+    root = Path(setting).expanduser() if setting else Path.home() / ".cache" / "kiln"
+    where = f"KILN_CACHE={setting}" if setting else f"kiln's cache folder {root}"
+    hint = "set KILN_CACHE to a folder you can write (it holds converted models and file digests)"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{where}: cannot create the folder: {exc.strerror or exc}", hint=hint) from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise InputError(f"{where}: the folder is not writable", hint=hint)
     return root
 
 
@@ -55,10 +64,20 @@ def cached_sha256(path: Path) -> str:
     st = path.stat()
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     memo = cache_dir() / "digests.json"
-    table = json.loads(memo.read_text()) if memo.exists() else {}
+    table = _read_memo(memo)
     if key not in table:
         table[key] = sha256_file(path)
         tmp = memo.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(table))
         os.replace(tmp, memo)
     return table[key]
+
+
+def _read_memo(memo: Path) -> dict[str, str]:
+    """The digest memo, or an empty one when it is missing or unreadable: it is only a cache, and
+    the next write replaces it whole."""
+    try:
+        table = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        return {}
+    return table if isinstance(table, dict) else {}

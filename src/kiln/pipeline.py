@@ -126,9 +126,10 @@ def make_plan(recipe: Recipe, model: ResolvedModel) -> Plan:
     """Everything that can be checked without touching weights: targets resolved to module names,
     every grid checked against the output format, sequence lengths against the model."""
     from kiln.arch import decoder_layout, in_out_features, is_linear, is_transposed, module_name
-    from kiln.model import build_skeleton, tied_aliases
+    from kiln.model import build_skeleton, check_checkpoint, tied_aliases
 
     skeleton = build_skeleton(model.path, recipe.model.trust_remote_code)
+    check_checkpoint(skeleton, model.path)
     layout = decoder_layout(skeleton)
     head = module_name(skeleton, skeleton.get_output_embeddings())
     linears = {}

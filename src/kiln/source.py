@@ -40,14 +40,13 @@ def _folder_digest(folder: Path) -> str:
 
 
 def _convert_to_safetensors(load_dir: str, gguf_file: str | None, target: Path, trust_remote_code: bool,
-                            revision: str | None = None) -> None:
-    """Load with transformers (dequantizing GGUF), save as safetensors into `target` atomically."""
-    if revision is None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local sources never touch the network
+                            revision: str | None = None, online: bool = False) -> None:
+    """Load with transformers (dequantizing GGUF), save as safetensors into `target` atomically.
+    Only `online` loads (a hub id not yet in the Hugging Face cache) may touch the network."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = dict(trust_remote_code=trust_remote_code, revision=revision)
+    kwargs = dict(trust_remote_code=trust_remote_code, revision=revision, local_files_only=not online)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     try:
@@ -102,11 +101,10 @@ def resolve_model(cfg: ModelConfig) -> ResolvedModel:
             gguf = _gguf_from_parts(parts, digest)
             _convert_to_safetensors(str(gguf.parent), gguf.name, target, cfg.trust_remote_code)
             gguf.unlink(missing_ok=True)
-        return ResolvedModel(target, digest, str(cfg.source), "gguf")
+        return _checked(ResolvedModel(target, digest, str(cfg.source), "gguf"))
 
     spec = cfg.source
-    looks_local = spec.startswith(("pkg:", "/", ".", "~")) or Path(spec).exists() or spec.endswith(".gguf")
-    if looks_local:
+    if looks_like_path(spec):
         path = resolve_path(spec, "model")
         gguf_file = cfg.gguf_file
         if path.is_file():
@@ -121,7 +119,7 @@ def resolve_model(cfg: ModelConfig) -> ResolvedModel:
             target = cache_dir() / "models" / digest
             if not (target / "config.json").exists():
                 _convert_to_safetensors(str(path), gguf_file, target, cfg.trust_remote_code)
-            return ResolvedModel(target, digest, spec, "gguf")
+            return _checked(ResolvedModel(target, digest, spec, "gguf"))
         if not (path / "config.json").is_file():
             raise InputError(f"model {spec}: no config.json in {path}",
                              hint="give a Hugging Face checkpoint folder, a .gguf file, or set model.gguf_file")
@@ -132,12 +130,60 @@ def resolve_model(cfg: ModelConfig) -> ResolvedModel:
             target = cache_dir() / "models" / digest
             if not (target / "config.json").exists():
                 _convert_to_safetensors(str(path), None, target, cfg.trust_remote_code)
-            return ResolvedModel(target, digest, spec, "hf-folder")
-        return ResolvedModel(path, _folder_digest(path), spec, "hf-folder")
+            return _checked(ResolvedModel(target, digest, spec, "hf-folder"))
+        return _checked(ResolvedModel(path, _folder_digest(path), spec, "hf-folder"))
 
-    # A hub id: only reached with network access; never used by tests.
     digest = hashlib.sha256(f"hub:{spec}@{cfg.revision or 'main'}".encode()).hexdigest()
     target = cache_dir() / "models" / digest
     if not (target / "config.json").exists():
-        _convert_to_safetensors(spec, cfg.gguf_file, target, cfg.trust_remote_code, cfg.revision)
-    return ResolvedModel(target, _folder_digest(target), spec, "hub")
+        online = not _in_hf_cache(spec, cfg.gguf_file or "config.json", cfg.revision)
+        if online:
+            _check_hub_reachable(spec)
+        _convert_to_safetensors(spec, cfg.gguf_file, target, cfg.trust_remote_code, cfg.revision, online)
+    return _checked(ResolvedModel(target, _folder_digest(target), spec, "hub"))
+
+
+def looks_like_path(spec: str) -> bool:
+    """A source is a path unless it reads as a Hugging Face id (`name` or `org/name`) and nothing
+    on disk says otherwise: `./x`, `/x`, `~/x`, `pkg:x`, a model file suffix, two or more slashes,
+    or a first component that is a local folder (`models/lama` next to `models/llama`) all mean a
+    path, so a typo there fails at once as a missing path instead of as a hub lookup."""
+    if spec.startswith(("pkg:", "/", ".", "~")) or "\\" in spec or spec.count("/") > 1:
+        return True
+    path = Path(spec)
+    return path.exists() or path.suffix in (".gguf", ".json", *WEIGHT_SUFFIXES) or any(Path(p).is_dir() for p in path.parts[:1])
+
+
+def _checked(model: ResolvedModel) -> ResolvedModel:
+    """Every weight file's header read and its length checked before any work starts."""
+    from kiln.model import safetensors_keys
+
+    for f in sorted(model.path.glob("*.safetensors")):
+        safetensors_keys(f)
+    return model
+
+
+def _in_hf_cache(repo_id: str, filename: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str)
+
+
+def _check_hub_reachable(repo_id: str) -> None:
+    """One request, no retries: a hub id that is neither on disk nor cached fails in seconds with
+    the reason, not after the hub client's minute of retries."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    what = f"model {repo_id!r} is not a local path and not in the Hugging Face cache"
+    hint = "check the spelling; a local folder needs a path that exists (e.g. ./models/name)"
+    if constants.is_offline_mode():
+        raise InputError(f"{what}, and HF_HUB_OFFLINE is set", hint=hint)
+    url = f"{constants.ENDPOINT}/api/models/{repo_id}"
+    try:
+        status = get_session().head(url, headers=build_hf_headers(), timeout=10, follow_redirects=True).status_code
+    except Exception as exc:  # any transport failure (DNS, refused, TLS, proxy) is the same answer here
+        raise InputError(f"{what}, and the hub could not be reached: {type(exc).__name__}: {exc}", hint=hint) from None
+    if status >= 400:
+        raise InputError(f"{what}, and the hub answered HTTP {status} for it (no such model, or it is private or gated)",
+                         hint=hint)
