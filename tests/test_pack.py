@@ -112,3 +112,149 @@ def test_float16_artifact_keeps_vectors_in_float32(tmp_path):
     assert {k: t.dtype for k, t in stored.items()} == {
         "emb.weight": torch.float16, "norm.weight": torch.float32, "proj.bias": torch.float32}
     assert torch.equal(stored["norm.weight"], norm) and torch.equal(stored["emb.weight"].float(), store.get("emb.weight"))
+
+
+# --- the artifact folder: what kiln replaces, what verify trusts --------------------------------
+
+
+@pytest.fixture(scope="module")
+def built_run(tiny_models, tmp_path_factory):
+    """One finished run (stages cached, artifact written) under umask 022, and its recipe."""
+    import os
+
+    from conftest import gptq_recipe, run_json, write_recipe
+
+    tmp = tmp_path_factory.mktemp("artifact-run")
+    r = gptq_recipe(tiny_models("llama"))
+    r["evaluate"] = None
+    recipe = write_recipe(tmp / "r.yaml", r)
+    mask = os.umask(0o022)
+    try:
+        run_json("run", str(recipe), "--out", str(tmp / "run"), "-q")
+    finally:
+        os.umask(mask)
+    return tmp / "run", recipe
+
+
+def _copy_run(built_run, tmp_path):
+    import shutil
+
+    run, recipe = built_run
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run", recipe
+
+
+def test_run_never_replaces_an_artifact_folder_kiln_did_not_write(built_run, tmp_path):
+    from conftest import run_cli
+
+    _, recipe = built_run
+    foreign = tmp_path / "u" / "artifact"
+    foreign.mkdir(parents=True)
+    (foreign / "thesis.txt").write_text("precious")
+    code, _, err = run_cli("run", str(recipe), "--out", str(tmp_path / "u"), "-q")
+    assert code == 7 and "holds files but no kiln manifest.json" in err and "another --out" in err, err
+    assert (foreign / "thesis.txt").read_text() == "precious"
+    # a kiln artifact with a file of the user's added is refused too, naming the file
+    run, _ = _copy_run(built_run, tmp_path)
+    (run / "artifact" / "notes.txt").write_text("mine")
+    code, _, err = run_cli("run", str(recipe), "--out", str(run), "-q")
+    assert code == 7 and "kiln did not write: notes.txt" in err, err
+    assert (run / "artifact" / "notes.txt").exists()
+
+
+def test_commit_refuses_a_foreign_folder_that_appeared_during_the_run(tmp_path):
+    from kiln.artifact import commit
+    from kiln.errors import ArtifactError
+
+    tmp, target = tmp_path / ".artifact.tmp-x", tmp_path / "artifact"
+    tmp.mkdir()
+    (tmp / "config.json").write_text("{}")
+    target.mkdir()
+    (target / "thesis.txt").write_text("precious")
+    with pytest.raises(ArtifactError, match="not written, so as not to delete it"):
+        commit(tmp, target, {"schema_version": 2, "kiln_version": "0", "status": "accepted"})
+    assert (target / "thesis.txt").read_text() == "precious" and sorted(p.name for p in target.iterdir()) == ["thesis.txt"]
+
+
+def test_an_edited_manifest_fails_verification_everywhere(built_run, tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    from kiln.artifact import load_model
+    from kiln.errors import ArtifactError
+
+    run, _ = _copy_run(built_run, tmp_path)
+    art = run / "artifact"
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["schema_version"] == 2 and m["content_sha256"]
+    m["recipe_name"] = "renamed"
+    (art / "manifest.json").write_text(json.dumps(m, indent=2))
+    for cmd in (["verify", str(art)], ["inspect", str(art)], ["compare", str(art)],
+                ["publish", str(art), "--to", "oci://127.0.0.1:9/kiln/x:v1"]):
+        code, _, err = run_cli(*cmd)
+        assert code == 7 and "edited after kiln wrote it" in err, (cmd, err)
+    with pytest.raises(ArtifactError, match="edited after kiln wrote it"):
+        load_model(art)
+    # a manifest from before schema 2 (no content digest) still verifies, and says it is unprotected
+    del m["content_sha256"]
+    m["schema_version"], m["recipe_name"] = 1, "test-gptq"
+    (art / "manifest.json").write_text(json.dumps(m, indent=2))
+    code, out, _ = run_cli("verify", str(art))
+    assert code == 0 and "has no content_sha256" in out
+    code, out, _ = run_cli("verify", str(art), "--json")
+    assert code == 0 and json.loads(out)["manifest_protected"] is False
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("[]", "the top level is a JSON list, not an object"),
+    ('{"schema_version": 2, "kiln_version": "0", "status": "accepted", "files": {"config.json": "abc"}}',
+     "files ['config.json'] have no sha256 string"),
+    ('{"schema_version": 2, "files": {}}', "no 'kiln_version' key; no 'status' key"),
+    ('{"schema_version": 2, "kiln_version": "0", "status": "accepted", "files": []}', "'files' is a JSON list"),
+])
+def test_a_malformed_manifest_is_named_not_a_traceback(content, needle, tmp_path):
+    from conftest import run_cli
+
+    (tmp_path / "manifest.json").write_text(content)
+    for cmd in ("verify", "inspect", "compare"):
+        code, _, err = run_cli(cmd, str(tmp_path))
+        assert code == 7 and f"{tmp_path / 'manifest.json'}: not a kiln manifest" in err and needle in err, err
+
+
+def test_rerun_rebuilds_a_tampered_artifact_and_clears_stale_folders(built_run, tmp_path):
+    from conftest import run_cli
+
+    run, recipe = _copy_run(built_run, tmp_path)
+    weights = run / "artifact" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    stale = run / ".artifact.old-k1ln0000" / "a"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_text("left by a run killed between commit's renames")
+    code, _, err = run_cli("run", str(recipe), "--out", str(run))
+    assert code == 0, err
+    assert "sha256 mismatch: model.safetensors; rebuilding it from the cached stages" in " ".join(err.split())
+    assert run_cli("verify", str(run / "artifact"))[0] == 0
+    assert not (run / ".artifact.old-k1ln0000").exists()
+
+
+def test_artifact_folders_are_readable_under_the_umask(built_run):
+    import stat
+
+    art = built_run[0] / "artifact"
+    for p in [art, *art.rglob("*")]:
+        assert stat.S_IMODE(p.stat().st_mode) == (0o755 if p.is_dir() else 0o644), p
+
+
+def test_compare_verifies_digests_and_inspect_names_a_missing_path(built_run, tmp_path):
+    from conftest import run_cli
+
+    run, _ = _copy_run(built_run, tmp_path)
+    with open(run / "artifact" / "config.json", "a") as f:
+        f.write(" ")
+    code, _, err = run_cli("compare", str(built_run[0] / "artifact"), str(run / "artifact"))
+    assert code == 7 and "sha256 mismatch: config.json" in err
+    code, _, err = run_cli("inspect", str(tmp_path / "no" / "such"))
+    assert code == 4 and "no such folder" in err

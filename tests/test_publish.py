@@ -135,13 +135,15 @@ def test_oci_round_trip_is_idempotent(artifact, registry, tmp_path):
 
 
 def test_oci_refuses_a_tag_holding_another_artifact(artifact, registry, tmp_path):
+    from kiln.artifact.manifest import write_manifest
+
     uri = f"oci://127.0.0.1:{registry}/kiln/other:v1"
     run_json("publish", str(artifact), "--to", uri)
     other = tmp_path / "other"
     shutil.copytree(artifact, other)
     m = json.loads((other / "manifest.json").read_text())
     m["recipe_name"] = "something-else"
-    (other / "manifest.json").write_text(json.dumps(m))
+    write_manifest(other, m)  # resealed: a different artifact, not an edited one
     code, _, err = run_cli("publish", str(other), "--to", uri)
     assert code == 10 and "already holds a different artifact" in err
 
@@ -159,6 +161,8 @@ def test_oci_wrong_credential_and_registry_down(artifact, auth_registry, monkeyp
 
 
 def test_tampered_or_rejected_artifacts_are_never_published(artifact, registry, tmp_path):
+    from kiln.artifact.manifest import write_manifest
+
     bad = tmp_path / "bad"
     shutil.copytree(artifact, bad)
     (bad / "config.json").write_text((bad / "config.json").read_text() + " ")
@@ -168,7 +172,7 @@ def test_tampered_or_rejected_artifacts_are_never_published(artifact, registry, 
     shutil.copytree(artifact, rejected)
     m = json.loads((rejected / "manifest.json").read_text())
     m["status"] = "rejected"
-    (rejected / "manifest.json").write_text(json.dumps(m))
+    write_manifest(rejected, m)
     code, _, err = run_cli("publish", str(rejected), "--to", f"oci://127.0.0.1:{registry}/kiln/bad:v1")
     assert code == 10 and "only accepted artifacts are published" in err
     assert _tags(registry, "kiln/bad") == []

@@ -115,11 +115,13 @@ def inspect(
     """Print an artifact's manifest: source, data, stages, metrics, files (digests verified)."""
 
     def go() -> dict:
-        from kiln.artifact.manifest import read_manifest, verify
+        from kiln.artifact.manifest import UNPROTECTED, protected, read_manifest, verify
 
         m = read_manifest(artifact) if no_verify else verify(artifact)
         if not as_json:
             _print_manifest(m, verified=not no_verify)
+            if not protected(m):
+                typer.echo(UNPROTECTED)
         return m
 
     _guard(go, as_json)
@@ -130,16 +132,18 @@ def verify_cmd(
     artifact: Annotated[Path, typer.Argument(help="artifact folder")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Check every file of an artifact against the sha256 in its manifest (and that no file is missing
-    or extra). Exit 7 on any difference."""
+    """Check the manifest against its own sha256 and every file of an artifact against the sha256 in
+    the manifest (and that no file is missing or extra). Exit 7 on any difference."""
 
     def go() -> dict:
-        from kiln.artifact.manifest import verify
+        from kiln.artifact.manifest import UNPROTECTED, protected, verify
 
         m = verify(artifact)
-        result = {"artifact": str(artifact), "verified": True, "files": len(m.get("files", {})), "status": m.get("status")}
+        result = {"artifact": str(artifact), "verified": True, "files": len(m["files"]), "status": m.get("status"),
+                  "manifest_protected": protected(m)}
         if not as_json:
-            typer.echo(f"{artifact}: {result['files']} files verified (status {result['status']})")
+            typer.echo(f"{artifact}: {result['files']} files verified (status {result['status']})"
+                       + ("" if protected(m) else f"\n{UNPROTECTED}"))
         return result
 
     _guard(go, as_json)
@@ -172,13 +176,13 @@ def compare(
     artifacts: Annotated[list[Path], typer.Argument(help="artifact folders")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Tabulate several artifacts: perplexity, task accuracy, size and decode speed per variant."""
+    """Tabulate several artifacts (digests verified): perplexity, task accuracy, size and decode speed per variant."""
 
     def go() -> dict:
-        from kiln.artifact.manifest import read_manifest
+        from kiln.artifact.manifest import verify
         from kiln.artifact.report import compare_table
 
-        ms = [(str(a), read_manifest(a)) for a in artifacts]
+        ms = [(str(a), verify(a)) for a in artifacts]
         table = compare_table(ms)
         if not as_json:
             typer.echo(table)

@@ -419,13 +419,15 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
     from transformers import AutoTokenizer
 
     from kiln import artifact
-    from kiln.artifact.manifest import base_manifest, read_manifest, verify
+    from kiln.artifact.manifest import base_manifest, read_manifest
     from kiln.compress.rtn import RTNConfig
     from kiln.data import calibration_windows, evaluation_windows, load_documents
     from kiln.model import STORAGE, WeightStore
 
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
+    target = out_dir / "artifact"
+    artifact.prepare(target)
     with ctx.meter("plan") as plan_meter:
         model = resolve_model(recipe.model)
         plan = make_plan(recipe, model)
@@ -499,10 +501,8 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
                     k: v / metrics["baseline"]["perplexity"][k] for k, v in metrics[variant]["perplexity"].items()}
 
     # --- artifact --------------------------------------------------------------------------------
-    target = out_dir / "artifact"
     run_key = _key(prev, recipe.digest(), eval_digests, recipe.output.model_dump(mode="json"), STORAGE)
-    if (target / "manifest.json").exists() and read_manifest(target).get("run_key") == run_key:
-        manifest = verify(target)
+    if (manifest := artifact.reusable(target, run_key, ctx.log)) is not None:
         ctx.log(f"artifact up to date: {target}")
         _raise_if_rejected(manifest, target)
     else:

@@ -1,5 +1,6 @@
 """The artifact: a folder a serving engine reads, plus manifest.json. Written into a temporary
-sibling folder and renamed into place, so an interrupted run never leaves half an artifact."""
+sibling folder and renamed into place, so an interrupted run never leaves half an artifact. A folder
+is only ever replaced if it is a kiln artifact holding nothing but the files its manifest lists."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from pathlib import Path
 import torch
 
 from kiln.artifact.formats import packed_tensors
-from kiln.artifact.manifest import MANIFEST, file_digests, verify
+from kiln.artifact.manifest import CONTENT_DIGEST, MANIFEST, file_digests, protected, read_manifest, verify, write_manifest
 from kiln.artifact.pack import unpack_int32
-from kiln.errors import ArtifactError
+from kiln.errors import ArtifactError, KilnError
 from kiln.model import stored_dtype
 from kiln.recipe import OutputFormat
 
@@ -177,11 +178,60 @@ def build_checkpoint(root: Path, model_dir: Path, store, quantized: dict[str, di
             shutil.copy2(model_dir / f, root / f)
 
 
+def _foreign(target: Path) -> str | None:
+    """Why `target` is not a folder kiln may replace, or None: absent, empty, or a kiln artifact
+    with no file its manifest does not list (its listed files may be changed or missing)."""
+    if not target.exists() and not target.is_symlink():
+        return None
+    if target.is_symlink() or not target.is_dir():
+        return "is not a folder"
+    present = {str(p.relative_to(target)) for p in target.rglob("*") if p.is_symlink() or not p.is_dir()}
+    if not present:
+        return None
+    try:
+        listed = set(read_manifest(target)["files"])
+    except KilnError:
+        return f"holds files but no kiln {MANIFEST}"
+    extra = sorted(present - listed - {MANIFEST})
+    return f"holds files kiln did not write: {', '.join(extra[:5])}" if extra else None
+
+
+def _remove_stale(target: Path) -> None:
+    """kiln's own hidden folders beside `target` left by a killed run: a staging folder, or the
+    previous artifact moved aside by `commit` between its two renames."""
+    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
+        for stale in target.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def prepare(target: Path) -> None:
+    """Before a run does any work: clear kiln's stale temporary folders beside `target`, and refuse
+    a `target` that kiln did not write (it would be replaced, and kiln deletes only what it wrote)."""
+    if (why := _foreign(target)) is not None:
+        raise ArtifactError(f"{target} {why}; kiln replaces this folder with the artifact and will not delete it",
+                            hint="move it elsewhere, or choose another --out")
+    if target.parent.is_dir():
+        _remove_stale(target)
+
+
+def _readable(root: Path) -> None:
+    """mkdtemp makes the folder 0700; the artifact is read by other users (a serving account), so
+    every folder and file gets the read (and folder search) bits the umask allows."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [root, *(p for p in root.rglob("*") if not p.is_symlink())]:
+        p.chmod(p.stat().st_mode | ((0o555 if p.is_dir() else 0o444) & ~mask))
+
+
 def commit(tmp: Path, target: Path, manifest: dict) -> None:
     """Finish `tmp` (digests + manifest) and swap it into `target` with renames."""
     manifest["files"] = file_digests(tmp)
     manifest["size_bytes"] = sum(f["size_bytes"] for f in manifest["files"].values())
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
+    write_manifest(tmp, manifest)
+    _readable(tmp)
+    if (why := _foreign(target)) is not None:  # appeared during the run
+        raise ArtifactError(f"{target} {why}; the artifact was not written, so as not to delete it",
+                            hint="move it elsewhere and rerun (the stages are cached), or choose another --out")
     old = None
     if target.exists():
         old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
@@ -193,9 +243,25 @@ def commit(tmp: Path, target: Path, manifest: dict) -> None:
 
 def staging_dir(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a run that was killed
-        shutil.rmtree(stale, ignore_errors=True)
+    _remove_stale(target)
     return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+
+
+def reusable(target: Path, run_key: str, log) -> dict | None:
+    """The verified manifest of the artifact at `target` if this run's key wrote it; None when it
+    must be built, which includes an artifact that fails verification or whose manifest has no
+    digest of its own (it is derived from the cached stages, so rebuilding it is the cheap repair)."""
+    if not (target / MANIFEST).is_file() or read_manifest(target).get("run_key") != run_key:
+        return None
+    try:
+        manifest = verify(target)
+    except ArtifactError as exc:
+        log(f"{exc.message}; rebuilding it from the cached stages")
+        return None
+    if not protected(manifest):
+        log(f"{target / MANIFEST} has no {CONTENT_DIGEST} (an older kiln wrote it); rebuilding the artifact")
+        return None
+    return manifest
 
 
 def _ct_modules(cfg: dict) -> dict[str, dict]:
@@ -223,7 +289,7 @@ def load_model(root: Path, verify_digests: bool = True):
     from kiln.model import build_skeleton, tied_aliases
 
     root = Path(root)
-    manifest = verify(root) if verify_digests else json.loads((root / MANIFEST).read_text())
+    manifest = verify(root) if verify_digests else read_manifest(root)
     if manifest.get("format") == OutputFormat.compressed_tensors.value:
         info = _ct_modules(json.loads((root / "config.json").read_text()))
     else:

@@ -1,18 +1,25 @@
-"""manifest.json: what an artifact is, where it came from, and the sha256 of every file in it."""
+"""manifest.json: what an artifact is, where it came from, and the sha256 of every file in it, plus
+the sha256 of its own content (`content_sha256`), so an edited status or metric fails verification
+like an edited file. That guards against accidental edits, not forgery: anyone can recompute it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 from importlib import metadata
 from pathlib import Path
 
 from kiln import __version__
-from kiln.errors import ArtifactError
+from kiln.errors import ArtifactError, InputError
 from kiln.paths import sha256_file
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: content_sha256 (schema 1 manifests have none and verify as unprotected)
 MANIFEST = "manifest.json"
+CONTENT_DIGEST = "content_sha256"
+REQUIRED = ("schema_version", "kiln_version", "status", "files")
+UNPROTECTED = (f"note: this manifest has no {CONTENT_DIGEST} (a kiln before schema 2 wrote it), so an edit to it "
+               "goes undetected; rerun `kiln run` to rebuild the artifact with one")
 LIBRARIES = ("torch", "transformers", "safetensors", "compressed-tensors", "gguf", "datasets", "pydantic")
 
 
@@ -34,21 +41,66 @@ def file_digests(root: Path) -> dict[str, dict]:
     }
 
 
+def content_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no whitespace) without its own digest."""
+    body = {k: v for k, v in manifest.items() if k != CONTENT_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    manifest[CONTENT_DIGEST] = content_digest(manifest)
+    (Path(root) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
+
+
+def protected(manifest: dict) -> bool:
+    """Whether the manifest carries its own digest (schema 2 on); schema 1 manifests do not."""
+    return CONTENT_DIGEST in manifest
+
+
+def _shape_problems(data) -> list[str]:
+    if not isinstance(data, dict):
+        return [f"the top level is a JSON {type(data).__name__}, not an object"]
+    out = [f"no {k!r} key" for k in REQUIRED if k not in data]
+    if not isinstance(data.get("schema_version", 1), int):
+        out.append(f"schema_version is {data['schema_version']!r}, not an integer")
+    files = data.get("files", {})
+    if not isinstance(files, dict):
+        return out + [f"'files' is a JSON {type(files).__name__}, not an object of path → {{sha256, size_bytes}}"]
+    bad = [f for f, v in files.items() if not (isinstance(v, dict) and isinstance(v.get("sha256"), str))]
+    if bad:
+        out.append(f"files {bad[:3]} have no sha256 string")
+    return out
+
+
 def read_manifest(root: Path) -> dict:
-    path = Path(root) / MANIFEST
+    root = Path(root)
+    if not root.exists():
+        raise InputError(f"{root}: no such folder", hint="give an artifact folder: the artifact/ under a `kiln run --out` folder")
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: not a folder; an artifact is a folder holding {MANIFEST}")
+    path = root / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{root}: no {MANIFEST}; not a kiln artifact (or an interrupted one)")
+    hint = f"restore the {MANIFEST} kiln wrote, or delete {root} and rerun `kiln run` to rebuild it"
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})", hint=hint) from None
+    if problems := _shape_problems(data):
+        raise ArtifactError(f"{path}: not a kiln manifest: " + "; ".join(problems), hint=hint)
+    return data
 
 
 def verify(root: Path) -> dict:
-    """Recompute every digest; raise ArtifactError naming each file that is missing, extra or changed."""
+    """Check the manifest's own digest, then recompute every file's; raise ArtifactError naming each
+    file that is missing, extra or changed."""
     root = Path(root)
     manifest = read_manifest(root)
-    expected = manifest.get("files", {})
+    if (manifest["schema_version"] >= 2 or protected(manifest)) and manifest.get(CONTENT_DIGEST) != content_digest(manifest):
+        raise ArtifactError(f"{root / MANIFEST}: its content does not match its {CONTENT_DIGEST}: the manifest was "
+                            "edited after kiln wrote it (status, metrics and file digests cannot be trusted)",
+                            hint="restore the original manifest.json, or rerun `kiln run` with its recipe to rebuild the artifact")
+    expected = manifest["files"]
     actual = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST}
     problems = [f"missing: {f}" for f in sorted(set(expected) - actual)]
     problems += [f"not in manifest: {f}" for f in sorted(actual - set(expected))]
@@ -57,7 +109,7 @@ def verify(root: Path) -> dict:
             problems.append(f"sha256 mismatch: {f}")
     if problems:
         raise ArtifactError(f"{root}: artifact failed verification: " + "; ".join(problems),
-                            hint="the artifact was modified after it was written; rebuild it with `kiln run`")
+                            hint="the artifact was modified after it was written; rerun `kiln run` with its recipe to rebuild it")
     return manifest
 
 

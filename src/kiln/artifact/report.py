@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 
 
@@ -169,7 +168,3 @@ def compare_table(manifests: list[tuple[str, dict]]) -> str:
                    _fmt((x.get("latency") or {}).get("tokens_per_s_b1"), 1)]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
-
-
-def load_manifest(path: Path) -> dict:
-    return json.loads((Path(path) / "manifest.json").read_text())
