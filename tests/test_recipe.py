@@ -101,3 +101,150 @@ def test_missing_recipe_file_is_missing_input(tmp_path):
 def test_top_level_must_be_mapping():
     with pytest.raises(RecipeError, match="YAML mapping"):
         parse_recipe("- 1\n- 2\n")
+
+
+# --- audit fixes: what is refused before anything runs ---------------------------------------------
+
+
+def test_recipe_that_is_not_utf8_names_file_line_and_byte(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(GOOD.encode().replace(b"name: t", b"name: caf\xe9"))
+    with pytest.raises(RecipeError, match=r"r\.yaml:1: not UTF-8 text \(byte 9: b'\\xe9'\)"):
+        load_recipe(path)
+
+
+def test_duplicate_key_names_the_key_and_both_lines():
+    with pytest.raises(RecipeError, match=r"r\.yaml:15: model: key given twice \(lines 2 and 15\)"):
+        parse_recipe(GOOD + "model:\n  source: /models/y\n", "r.yaml")
+    with pytest.raises(RecipeError, match=r"r\.yaml:15: compress\[0\]\.scheme\.bits: key given twice \(lines 13 and 15\)"):
+        parse_recipe(GOOD + "      bits: 8\n", "r.yaml")
+
+
+def test_field_on_a_plain_text_source_is_refused():
+    with pytest.raises(RecipeError, match=r"r\.yaml:7: data\.calibration\.field: .*does not apply to a plain-text source"):
+        parse_recipe(GOOD.replace("    source: data.txt\n", "    source: data.txt\n    field: passage\n"), "r.yaml")
+    assert parse_recipe(GOOD.replace("    source: data.txt\n", "    source: d.jsonl\n    field: passage\n")).data.calibration.field == "passage"
+
+
+@pytest.mark.parametrize("stage,value", [("kind: smoothquant\n  alpha: 1.5", "1.5"), ("kind: sparsegpt\n  pattern: '4:2'", "'4:2'")])
+def test_validator_messages_show_the_value_once(stage, value):
+    text = GOOD.split("compress:\n")[0] + f"compress:\n- {stage}\n"
+    with pytest.raises(RecipeError) as exc:
+        parse_recipe(text)
+    assert str(exc.value).count(value) == 1, str(exc.value)
+
+
+def _validate(tmp_path, recipe: dict) -> tuple[int, str]:
+    from conftest import run_cli, write_recipe
+
+    code, _, err = run_cli("validate", str(write_recipe(tmp_path / "r.yaml", recipe)))
+    return code, err
+
+
+def test_ignore_pattern_that_matches_nothing_is_refused(tiny_models, tmp_path):
+    from conftest import gptq_recipe
+
+    r = gptq_recipe(tiny_models("llama"))
+    r["compress"][0]["ignore"] = ["model.layers.9.*"]
+    code, err = _validate(tmp_path, r)
+    assert code == 3 and "compress[0].ignore: pattern 'model.layers.9.*' matches no linear layer" in err
+
+
+@pytest.mark.parametrize("max_length,needle", [(16, "data.evaluation[0].seq_len (the parity windows) = 64"),
+                                               (64, "min(32, data.evaluation[0].seq_len) + generate_tokens = 40")])
+def test_compile_max_length_must_hold_what_the_checks_run(tiny_models, tmp_path, max_length, needle):
+    from conftest import gptq_recipe
+
+    r = gptq_recipe(tiny_models("llama"), compile={"targets": [{"target": "cpu", "max_length": max_length}],
+                                                   "parity": {"generate_tokens": 8}})
+    if max_length == 64:
+        r["data"]["evaluation"][0]["seq_len"] = 32
+        r["compile"]["targets"][0]["max_length"] = 39
+    code, err = _validate(tmp_path, r)
+    assert code == 3 and "compile.targets[0].max_length" in err and needle in err, err
+
+
+@pytest.mark.parametrize("teacher,code,needle", [
+    ("{tmp}/nope", 4, "compress[1].teacher not found"),
+    ("{tmp}/t.txt", 4, "compress[1].teacher: {tmp}/t.txt is a file but not a .gguf model"),
+])
+def test_distill_teacher_is_checked_at_plan_time(tiny_models, tmp_path, teacher, code, needle):
+    from conftest import gptq_recipe
+
+    (tmp_path / "t.txt").write_text("not a model")
+    r = gptq_recipe(tiny_models("llama"))
+    r["compress"].append({"kind": "distill", "teacher": teacher.format(tmp=tmp_path), "steps": 1, "batch_size": 2})
+    got, err = _validate(tmp_path, r)
+    assert got == code and needle.format(tmp=tmp_path) in err, err
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ({"seq_len": 4096}, "compress[1].seq_len: 4096 tokens exceeds the model's 512 positions"),
+    ({"seq_len": 128}, "compress[1].seq_len: 128 is longer than the calibration windows it trains on (data.calibration.seq_len: 64)"),
+    ({"batch_size": 64}, "compress[1].batch_size: 64 is more than the 8 calibration samples"),
+])
+def test_distill_sizes_beyond_the_calibration_data_are_refused(tiny_models, tmp_path, extra, needle):
+    from conftest import gptq_recipe
+
+    r = gptq_recipe(tiny_models("llama"))
+    r["compress"].append({"kind": "distill", "teacher": "original", "steps": 1, "batch_size": 2, **extra})
+    code, err = _validate(tmp_path, r)
+    assert code == 3 and needle in err, err
+
+
+def test_missing_and_binary_data_name_the_field(tiny_models, tmp_path):
+    from conftest import gptq_recipe
+
+    model = tiny_models("llama")
+    r = gptq_recipe(model)
+    r["data"]["evaluation"][0] = {"name": "ev", "source": str(tmp_path / "nope.txt")}
+    code, err = _validate(tmp_path, r)
+    assert code == 4 and f"data.evaluation[0].source not found: {tmp_path / 'nope.txt'}" in err, err
+    r = gptq_recipe(model)
+    r["data"]["calibration"]["source"] = str(model / "model.safetensors")
+    code, err = _validate(tmp_path, r)
+    assert code == 4 and "data.calibration.source: " in err and "model.safetensors is not text (it holds NUL bytes)" in err, err
+
+
+def test_text_in_a_legacy_encoding_is_still_text(tmp_path):
+    from kiln.data import load_documents
+
+    (tmp_path / "a.txt").write_bytes("The fee was \xa35m, a record for the club this season.".encode("latin-1"))
+    assert load_documents(str(tmp_path / "a.txt")).texts[0].startswith("The fee was")
+
+
+def test_bad_jsonl_names_the_line_and_the_cause(tmp_path):
+    from kiln.data import load_documents
+
+    (tmp_path / "d.jsonl").write_text('{"text": "one"}\n{"text": "two"\n')
+    with pytest.raises(InputError, match=r"data\.calibration\.source: .*d\.jsonl: cannot read it as jsonl: line 2: "):
+        load_documents(str(tmp_path / "d.jsonl"), "text", "data.calibration.source")
+
+
+def test_speed_gate_on_a_target_that_cannot_run_here_is_refused(tiny_models, tmp_path, monkeypatch):
+    import kiln.compile.targets as targets
+    from conftest import gptq_recipe
+
+    monkeypatch.setattr(targets, "runtime_problem", lambda t: "no CUDAExecutionProvider" if t.target == "cuda" else None)
+    r = gptq_recipe(tiny_models("llama"), compile={"targets": [{"target": "cpu"}, {"target": "cuda"}]},
+                    gates={"min_decode_tokens_per_s": {"cuda": 1}})
+    r["evaluate"]["latency"] = {"prompt_tokens": 16, "new_tokens": 4, "batch": 2}
+    code, err = _validate(tmp_path, r)
+    assert code == 3 and "gates.min_decode_tokens_per_s.cuda: compile target 'cuda' cannot run on this machine" in err, err
+
+
+def test_the_problem_is_the_headline_and_the_format_second(tiny_models, tmp_path):
+    from conftest import gptq_recipe
+
+    r = gptq_recipe(tiny_models("llama"), group_size=48)
+    code, err = _validate(tmp_path, r)
+    headline = err.split("invalid recipe: ")[-1].splitlines()[0]
+    assert code == 3 and headline.startswith("compress[0]: group_size 48 does not divide in_features=128 of "
+                                             "model.layers.0.mlp.down_proj"), err
+    assert headline.endswith("(output.format 'compressed-tensors' cannot store this plan)"), err
+    r = gptq_recipe(tiny_models("llama"), activations={"bits": 8})
+    r["compress"][0]["activations"] = r.pop("activations")
+    code, err = _validate(tmp_path, r)
+    headline = err.split("invalid recipe: ")[-1].splitlines()[0]
+    assert code == 3 and headline.startswith("compress[0]: activations: int8 activations need int8 symmetric"), err
+    assert "output.format" not in err, err

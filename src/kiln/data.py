@@ -42,7 +42,51 @@ class TokenWindows:
     doc_indices: list[int] = field(default_factory=list)
 
 
-def _table_rows(path: Path, text_field: str) -> list[str]:
+def _decode(path: Path, data: bytes, where: str) -> str:
+    """UTF-8 text, a stray byte of a legacy encoding replaced (the BBC corpus has Latin-1 '£' signs);
+    a NUL byte or more than 10% undecodable bytes means the file is not text (a model, an archive)."""
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd")
+    if b"\0" in data or bad > len(text) / 10:
+        what = "NUL bytes" if b"\0" in data else f"{bad} bytes that are not UTF-8"
+        raise InputError(f"{where}: {path} is not text (it holds {what}); is it a model or archive file?",
+                         hint="point it at a .txt file, or at a .jsonl/.parquet/.arrow table with `field:`")
+    return text
+
+
+def check_source(spec: str, where: str) -> None:
+    """What can be checked before anything loads: the source exists, and a text file starts as text."""
+    path = resolve_path(spec, where)
+    if path.is_file() and path.suffix not in TABLE_SUFFIXES:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        _decode(path, head if len(head) < 1 << 16 else head[:-3], where)  # a character may straddle the block's end
+
+
+def _jsonl_problem(path: Path) -> str | None:
+    """The first line that is not a JSON object: datasets reports only that generation failed."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return f"line {n}: {exc.msg} (column {exc.colno})"
+            if not isinstance(row, dict):
+                return f"line {n}: a {type(row).__name__}, not a JSON object"
+    return None
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while (nxt := exc.__cause__ or exc.__context__) is not None:
+        exc = nxt
+    return exc
+
+
+def _table_rows(path: Path, text_field: str, where: str) -> list[str]:
     import datasets
 
     datasets.disable_progress_bars()
@@ -54,25 +98,28 @@ def _table_rows(path: Path, text_field: str) -> list[str]:
             builder = "parquet" if suffix == ".parquet" else "json"
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise InputError(f"data file {path}: cannot read it as {suffix[1:]}: {exc}") from None
+        cause = (_jsonl_problem(path) if suffix == ".jsonl" else None) or str(_root_cause(exc))
+        raise InputError(f"{where}: {path}: cannot read it as {suffix[1:]}: {cause}",
+                         hint=f"fix or remove that part of {path.name}") from None
     if text_field not in ds.column_names:
-        raise InputError(f"data file {path}: no column {text_field!r}; columns are {ds.column_names}",
+        raise InputError(f"{where}: {path}: no column {text_field!r}; columns are {ds.column_names}",
                          hint="set `field:` to the column that holds the text")
     return [str(t) for t in ds[text_field] if t is not None]
 
 
-def load_documents(spec: str, text_field: str = "text") -> Documents:
-    path = resolve_path(spec, "data")
+def load_documents(spec: str, text_field: str = "text", where: str = "data") -> Documents:
+    """`where` is the recipe field that named `spec` (data.calibration.source), for messages."""
+    path = resolve_path(spec, where)
     texts: list[str] = []
     if path.is_dir():
         # .json inside a folder is metadata (datasets' dataset_info.json, state.json), not rows
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | TABLE_SUFFIXES - {".json"})
         for f in files:
-            texts += _table_rows(f, text_field) if f.suffix in TABLE_SUFFIXES else [f.read_text(encoding="utf-8", errors="replace")]
+            texts += _table_rows(f, text_field, where) if f.suffix in TABLE_SUFFIXES else [_decode(f, f.read_bytes(), where)]
     elif path.suffix in TABLE_SUFFIXES:
-        texts = _table_rows(path, text_field)
+        texts = _table_rows(path, text_field, where)
     else:
-        texts = path.read_text(encoding="utf-8", errors="replace").split("\n\n")
+        texts = _decode(path, path.read_bytes(), where).split("\n\n")
     seen: set[str] = set()
     docs = []
     for t in texts:
@@ -81,7 +128,7 @@ def load_documents(spec: str, text_field: str = "text") -> Documents:
             seen.add(t)
             docs.append(t)
     if not docs:
-        raise InputError(f"data {spec!r} ({path}) holds no text", hint="point it at .txt files or set `field:` for tables")
+        raise InputError(f"{where}: {spec!r} ({path}) holds no text", hint="point it at .txt files or set `field:` for tables")
     h = hashlib.sha256()
     for d in docs:
         h.update(d.encode())

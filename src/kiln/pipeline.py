@@ -20,7 +20,7 @@ from pathlib import Path
 
 from kiln import __version__
 from kiln.context import RunContext
-from kiln.errors import RecipeError
+from kiln.errors import InputError, RecipeError
 from kiln.recipe import OutputFormat, Recipe
 from kiln.source import ResolvedModel, resolve_model
 
@@ -69,6 +69,9 @@ def _resolve_targets(stage, linears: list[str], where: str, head: str | None = N
                               + (f"; the output projection is matched only by its exact name {head!r}" if head else ""))
         chosen += [h for h in hits if h not in chosen]
     for pattern in stage.ignore:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in linears):
+            raise RecipeError(f"{where}.ignore: pattern {pattern!r} matches no linear layer, so it ignores nothing",
+                              hint=f"names look like {linears[0]!r}; use shell-style globs such as 'model.layers.0.*'")
         chosen = [n for n in chosen if not fnmatch.fnmatchcase(n, pattern)]
     if not chosen:
         raise RecipeError(f"{where}: targets minus ignore leaves no layer to compress")
@@ -122,12 +125,91 @@ def _shape_problems(stage, targets: list[str], linears: dict[str, dict]) -> list
     return out
 
 
+def _plan_error(problems: list[str], context: str | None = None) -> RecipeError:
+    """The first problem is the headline (it names the layer); `context` says which part of the recipe
+    cannot have it."""
+    rest = problems[1:6] + ([f"... and {len(problems) - 6} more"] if len(problems) > 6 else [])
+    return RecipeError("\n  ".join([problems[0] + (f" ({context})" if context else ""), *rest]))
+
+
+def _check_teacher(where: str, teacher: str, vocab_size: int | None) -> None:
+    """A teacher given as a local path is checked as resolve_model would, before any stage runs;
+    a hub id is only reachable when it downloads."""
+    from kiln.paths import resolve_path
+
+    if teacher == "original" or not (teacher.startswith(("pkg:", "/", ".", "~")) or Path(teacher).exists()
+                                     or teacher.endswith(".gguf")):
+        return
+    what = f"{where}.teacher"
+    path = resolve_path(teacher, what)
+    hint = "give `original`, a Hugging Face checkpoint folder or a .gguf file"
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise InputError(f"{what}: {teacher} is a file but not a .gguf model", hint=hint)
+        return
+    config = path / "config.json"
+    if not config.is_file():
+        raise InputError(f"{what}: no config.json in {path}", hint=hint)
+    theirs = json.loads(config.read_text()).get("vocab_size")
+    if theirs and vocab_size and theirs != vocab_size:
+        raise RecipeError(f"{what}: {teacher} has vocabulary {theirs}, the model {vocab_size}",
+                          hint="distill from a teacher with the same tokenizer, e.g. `teacher: original`")
+
+
+def _check_distill_sizes(where: str, stage, recipe: Recipe, max_positions: int | None) -> None:
+    """Distill trains on calibration windows: a longer seq_len or a larger batch than they hold would
+    be cut or repeated, so it is refused rather than clamped."""
+    cal = recipe.data.calibration
+    if stage.seq_len is not None and max_positions and stage.seq_len > max_positions:
+        raise RecipeError(f"{where}.seq_len: {stage.seq_len} tokens exceeds the model's {max_positions} positions")
+    if stage.seq_len is not None and stage.seq_len > cal.seq_len:
+        raise RecipeError(f"{where}.seq_len: {stage.seq_len} is longer than the calibration windows it trains on "
+                          f"(data.calibration.seq_len: {cal.seq_len})",
+                          hint=f"lower {where}.seq_len, or raise data.calibration.seq_len")
+    if stage.batch_size > cal.samples:
+        raise RecipeError(f"{where}.batch_size: {stage.batch_size} is more than the {cal.samples} calibration samples "
+                          "(data.calibration.samples); a batch would repeat samples",
+                          hint=f"lower {where}.batch_size, or raise data.calibration.samples")
+
+
+def _compile_lengths(recipe: Recipe) -> list[tuple[str, int]]:
+    """Every sequence the compile checks run through a graph: the parity windows (the first
+    evaluation set), the greedy generation after them, and the latency prompt plus new tokens."""
+    first = recipe.data.evaluation[0].seq_len
+    out = [("data.evaluation[0].seq_len (the parity windows)", first),
+           ("compile.parity: a prompt of min(32, data.evaluation[0].seq_len) + generate_tokens",
+            min(32, first) + recipe.compile.parity.generate_tokens)]
+    lat = recipe.evaluate.latency if recipe.evaluate is not None else None
+    if lat is not None:
+        out.append(("evaluate.latency.prompt_tokens + new_tokens", lat.prompt_tokens + lat.new_tokens))
+    return out
+
+
+def _check_gate_targets(recipe: Recipe) -> None:
+    """A speed gate on a target that cannot run here would only fail after the whole run."""
+    from kiln.compile.targets import runtime_problem
+
+    targets = {t.folder: t for t in recipe.compile.targets} if recipe.compile else {}
+    for name in recipe.gates.min_decode_tokens_per_s if recipe.gates else {}:
+        if (problem := runtime_problem(targets[name])) is not None:
+            raise RecipeError(f"gates.min_decode_tokens_per_s.{name}: compile target {name!r} cannot run on this "
+                              f"machine, so its decode speed cannot be measured: {problem}",
+                              hint="run where that runtime is available, or drop this gate (the target is still "
+                                   "built, and its graph checked on the CPU provider)")
+
+
 def make_plan(recipe: Recipe, model: ResolvedModel) -> Plan:
     """Everything that can be checked without touching weights: targets resolved to module names,
     every grid checked against the output format, sequence lengths against the model."""
     from kiln.arch import decoder_layout, in_out_features, is_linear, is_transposed, module_name
+    from kiln.data import check_source
     from kiln.model import build_skeleton, check_checkpoint, tied_aliases
 
+    if recipe.data.calibration is not None:
+        check_source(recipe.data.calibration.source, "data.calibration.source")
+    for i, e in enumerate(recipe.data.evaluation):
+        check_source(e.source, f"data.evaluation[{i}].source")
+    _check_gate_targets(recipe)
     skeleton = build_skeleton(model.path, recipe.model.trust_remote_code)
     check_checkpoint(skeleton, model.path)
     layout = decoder_layout(skeleton)
@@ -148,6 +230,7 @@ def make_plan(recipe: Recipe, model: ResolvedModel) -> Plan:
     from kiln.artifact.formats import format_problems
 
     problems: list[str] = []
+    shapes: list[str] = []
     history: dict[str, list[tuple[int, object]]] = {}  # module → [(stage index, config)] in order
     for k, stage in enumerate(recipe.compress):
         where = f"compress[{k}]"
@@ -159,6 +242,9 @@ def make_plan(recipe: Recipe, model: ResolvedModel) -> Plan:
         for t in targets:
             _check_composition(where, t, stage, history.get(t, []))
             history.setdefault(t, []).append((k, stage))
+        if stage.role == "training":
+            _check_teacher(where, stage.teacher, getattr(skeleton_config, "vocab_size", None))
+            _check_distill_sizes(where, stage, recipe, plan.max_positions)
         if stage.sparsifies:
             plan.sparse.update({t: k for t in targets})
         if stage.quantizes:
@@ -171,7 +257,7 @@ def make_plan(recipe: Recipe, model: ResolvedModel) -> Plan:
                                      "activation_bits": act.bits if act is not None else None}
                 problems += [f"{where}: {p}" for p in format_problems(recipe.output.format, t, info["in_features"],
                                                                         s.group_size, info["transposed"])]
-        problems += [f"{where}: {p}" for p in _shape_problems(stage, targets, linears)]
+        shapes += [f"{where}: {p}" for p in _shape_problems(stage, targets, linears)]
     for t, hist in history.items():
         k, last = hist[-1]
         if last.role == "smoothing":
@@ -180,26 +266,29 @@ def make_plan(recipe: Recipe, model: ResolvedModel) -> Plan:
     if plan.untied_head:  # the head is written under its own name, the embedding stays as it was
         weight = head + ".weight"
         plan.tied = {n: c for n, c in plan.tied.items() if weight not in (n, c) and weight not in aliases.get(n, [])}
+    if shapes:
+        raise _plan_error(shapes)
     if problems:
-        shown = problems[:6] + ([f"... and {len(problems) - 6} more"] if len(problems) > 6 else [])
-        raise RecipeError(f"output.format {recipe.output.format.value!r} cannot store this plan:\n  " + "\n  ".join(shown))
+        raise _plan_error(problems, f"output.format {recipe.output.format.value!r} cannot store this plan")
 
     if recipe.compile is not None:
         problems += _compile_problems(recipe, plan, skeleton_config)
     if problems:
-        shown = problems[:6] + ([f"... and {len(problems) - 6} more"] if len(problems) > 6 else [])
-        raise RecipeError("compile cannot export this plan:\n  " + "\n  ".join(shown))
+        raise _plan_error(problems, "compile cannot export this plan")
 
     lengths = [("data.calibration.seq_len", recipe.data.calibration.seq_len)] if recipe.data.calibration else []
     lengths += [(f"data.evaluation[{i}].seq_len", e.seq_len) for i, e in enumerate(recipe.data.evaluation)]
     lat = recipe.evaluate.latency if recipe.evaluate is not None else None
     if lat is not None:
         lengths.append(("evaluate.latency.prompt_tokens + new_tokens", lat.prompt_tokens + lat.new_tokens))
-        if recipe.compile is not None:
-            for t in recipe.compile.targets:
-                if t.max_length and lat.prompt_tokens + lat.new_tokens > t.max_length:
-                    raise RecipeError(f"evaluate.latency: prompt_tokens + new_tokens = {lat.prompt_tokens + lat.new_tokens} "
-                                      f"exceeds compile target {t.folder!r}'s max_length {t.max_length}")
+    if recipe.compile is not None:
+        need = _compile_lengths(recipe)
+        for i, t in enumerate(recipe.compile.targets):
+            for what, n in need:
+                if t.max_length and n > t.max_length:
+                    raise RecipeError(f"compile.targets[{i}].max_length: {t.max_length} is shorter than {what} = {n}, "
+                                      f"which the checks of target {t.folder!r} run through its graph",
+                                      hint=f"raise compile.targets[{i}].max_length to at least {n}")
     for where, n in lengths:
         if plan.max_positions and n > plan.max_positions:
             raise RecipeError(f"{where}: {n} tokens exceeds the model's {plan.max_positions} positions")
@@ -437,15 +526,15 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
     calib, calib_info, calib_docs = None, None, None
     if recipe.data.calibration is not None:
         c = recipe.data.calibration
-        calib_docs = load_documents(c.source, c.field)
+        calib_docs = load_documents(c.source, c.field, "data.calibration.source")
         win = calibration_windows(calib_docs, tokenizer, c.samples, c.seq_len, c.seed)
         calib = win.ids
         calib_info = {"source": c.source, "field": c.field, "source_digest": calib_docs.digest,
                       "documents_used": win.documents_used, "samples": c.samples, "seq_len": c.seq_len,
                       "seed": c.seed, "batch_size": c.batch_size, "low_memory": c.low_memory, "tokens": win.tokens, "token_digest": win.digest}
     eval_sets, eval_info = {}, {}
-    for e in recipe.data.evaluation:
-        docs = load_documents(e.source, e.field)
+    for i, e in enumerate(recipe.data.evaluation):
+        docs = load_documents(e.source, e.field, f"data.evaluation[{i}].source")
         exclude = set(win.doc_indices) if calib_docs is not None and docs.key == calib_docs.key else set()
         w = evaluation_windows(docs, tokenizer, e.windows, e.seq_len, exclude)
         eval_sets[e.name] = w

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from kiln.compile.targets import CompileConfig
 from kiln.compress import CompressConfig
+from kiln.data import TEXT_SUFFIXES
 from kiln.errors import InputError, RecipeError
 
 
@@ -44,7 +45,19 @@ class ModelConfig(Frozen):
         return v
 
 
-class CalibrationConfig(Frozen):
+class _TextSource(Frozen):
+    @field_validator("field", check_fields=False)
+    @classmethod
+    def _field_needs_table(cls, v: str, info: ValidationInfo) -> str:
+        source = info.data.get("source")  # a set `field` only: defaults are not validated
+        if v != "text" and source and Path(source).suffix.lower() in TEXT_SUFFIXES:
+            raise ValueError(f"does not apply to a plain-text source ({source}), whose documents are the text between "
+                             "blank lines; `field` picks a column of .jsonl/.json/.parquet/.arrow sources (or of such "
+                             "files in a folder): remove it")
+        return v
+
+
+class CalibrationConfig(_TextSource):
     """N samples × L tokens drawn (seeded) from `source`."""
 
     source: str
@@ -61,7 +74,7 @@ class CalibrationConfig(Frozen):
                              "less memory")
 
 
-class EvalTextConfig(Frozen):
+class EvalTextConfig(_TextSource):
     """A perplexity dataset: `windows` non-overlapping windows of `seq_len` tokens, from the start of
     the text (documents joined by a blank line), disjoint from the calibration documents."""
 
@@ -221,6 +234,31 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
+def _duplicate_keys(node: yaml.Node | None, origin: str, path: str = "") -> None:
+    """YAML lets a later key silently replace an earlier one; a recipe must not (two `model:` entries)."""
+    if isinstance(node, yaml.MappingNode):
+        first: dict[Any, int] = {}
+        for k, v in node.value:
+            line = k.start_mark.line + 1
+            if isinstance(k, yaml.ScalarNode) and k.value in first:
+                name = f"{path}.{k.value}" if path else k.value
+                raise RecipeError(f"{origin}:{line}: {name}: key given twice (lines {first[k.value]} and {line}); "
+                                  "YAML would silently keep only the last", hint="delete or merge one of them")
+            if isinstance(k, yaml.ScalarNode):
+                first[k.value] = line
+                _duplicate_keys(v, origin, f"{path}.{k.value}" if path else k.value)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _duplicate_keys(v, origin, f"{path}[{i}]")
+
+
+def _show_input(err: dict, msg: str) -> bool:
+    """Append the offending value unless the message (a validator's own words) already shows it."""
+    if "input" not in err or err["type"] in ("missing", "union_tag_invalid") or isinstance(err["input"], (dict, list)):
+        return False
+    return repr(err["input"]) not in msg and str(err["input"]) not in msg
+
+
 def parse_recipe(text: str, origin: str = "<recipe>") -> Recipe:
     try:
         node = yaml.compose(text)
@@ -230,6 +268,7 @@ def parse_recipe(text: str, origin: str = "<recipe>") -> Recipe:
         where = f"{origin}:{mark.line + 1}" if mark else origin
         raise RecipeError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}",
                           hint="check indentation and quoting near that line") from None
+    _duplicate_keys(node, origin)
     if not isinstance(raw, dict):
         raise RecipeError(f"{origin}: a recipe is a YAML mapping with sections model, data, compress, evaluate, output")
     try:
@@ -243,7 +282,7 @@ def parse_recipe(text: str, origin: str = "<recipe>") -> Recipe:
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
                 msg = "unknown field; remove it or check its spelling"
-            elif "input" in err and err["type"] not in ("missing", "union_tag_invalid") and not isinstance(err["input"], (dict, list)):
+            elif _show_input(err, msg):
                 msg += f" (got {err['input']!r})"
             lines.append(f"{where}: {_format_loc(loc)}: {msg}")
         raise RecipeError("\n".join(lines)) from None
@@ -253,4 +292,11 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"recipe file not found: {path}", hint="pass the path to a .yaml recipe, e.g. recipes/quickstart.yaml")
-    return parse_recipe(path.read_text(), origin=str(path))
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}: not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r})",
+                          hint="save the recipe as UTF-8 (it may be in another encoding, or not a recipe at all)") from None
+    return parse_recipe(text, origin=str(path))
