@@ -4,12 +4,14 @@ registry down, wrong credential, tampered file, rejected artifact, a tag holding
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -213,3 +215,126 @@ def test_mlflow_wrong_credential_is_refused_and_the_right_one_publishes(artifact
     assert code == 10 and "refused the credentials" in err and "MLFLOW_TRACKING_PASSWORD" in err, err
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "right-password-123")
     assert run_json("publish", str(artifact), "--to", uri)["created"]
+
+
+# Registries that misbehave: a socket that never answers, and HTTP servers with canned answers.
+
+@contextlib.contextmanager
+def silent_server():
+    """Connections complete (the kernel's backlog accepts them) but nothing ever answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def canned_server(answer, host: str = "127.0.0.1"):
+    """Every request gets answer(method, path, port) → (status, headers, body), over plain HTTP."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def reply(self) -> None:
+            status, headers, body = answer(self.command, self.path, self.server.server_port)
+            self.send_response(status)
+            for k, v in {"Content-Length": str(len(body)), **headers}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = do_POST = do_PUT = reply
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_port
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+NGINX = b"<html>\r\n<head><title>Welcome to nginx!</title></head>\r\n<body>\x00hello</body></html>"
+
+
+def html(method, path, port):
+    return 200, {"Content-Type": "text/html"}, NGINX
+
+
+def test_oci_registry_that_never_answers_is_exit_10(artifact, monkeypatch):
+    from kiln.publish import oci
+
+    monkeypatch.setattr(oci, "READ_TIMEOUT", 1)
+    with silent_server() as port:
+        t0 = time.time()
+        code, _, err = run_cli("publish", str(artifact), "--to", f"oci://127.0.0.1:{port}/kiln/tiny:v1")
+    assert code == 10 and time.time() - t0 < 30, err
+    assert "did not answer within 1 s while reading tag v1" in err, err
+    assert f"GET http://127.0.0.1:{port}/v2/kiln/tiny/manifests/v1" in err, err
+
+
+@pytest.mark.parametrize("answer, needles", [
+    (html, ["reading tag v1", "answered HTTP 200 with '<html> <head><title>Welcome to nginx!",
+            "not the JSON the OCI distribution API returns", "names an OCI registry"]),
+    (lambda m, p, port: (401, {"WWW-Authenticate": f'Bearer realm="http://127.0.0.1:{port}/token",service="r"'}, b"")
+     if p.startswith("/v2/") else html(m, p, port),
+     ["requesting a token for reading tag v1", "/token?service=r answered HTTP 200", "not the JSON"]),
+    (lambda m, p, port: (302, {"Location": p}, b""), ["reading tag v1", "TooManyRedirects", "names an OCI registry"]),
+    (lambda m, p, port: (200, {"Content-Length": "100"}, b"hello"), ["reading tag v1", "ChunkedEncodingError"]),
+], ids=["html", "token-html", "redirect-loop", "cut-off-body"])
+def test_oci_server_that_is_not_a_registry_is_exit_10(artifact, answer, needles):
+    with canned_server(answer) as port:
+        code, _, err = run_cli("publish", str(artifact), "--to", f"oci://127.0.0.1:{port}/kiln/tiny:v1")
+    assert code == 10, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_oci_plain_http_registry_spoken_to_over_tls_is_exit_10(artifact, monkeypatch):
+    monkeypatch.delenv("KILN_OCI_INSECURE", raising=False)
+    with canned_server(html, host="127.0.0.2") as port:  # not a loopback name kiln knows: HTTPS
+        code, _, err = run_cli("publish", str(artifact), "--to", f"oci://127.0.0.2:{port}/kiln/tiny:v1")
+    assert code == 10 and "the TLS handshake failed" in err and "KILN_OCI_INSECURE=1" in err, err
+
+
+@pytest.mark.parametrize("env, needles", [
+    ({}, ["requires authentication; none were given (HTTP 401 while reading tag v1)",
+          "KILN_OCI_USERNAME and KILN_OCI_PASSWORD are not set"]),
+    ({"KILN_OCI_USERNAME": "kiln"}, ["requires authentication; none were given", "(KILN_OCI_PASSWORD is not set)"]),
+    ({"KILN_OCI_USERNAME": "kiln", "KILN_OCI_PASSWORD": "x"}, ["refused the credentials (HTTP 401 while reading tag v1)"]),
+], ids=["none", "no-password", "refused"])
+def test_oci_401_says_whether_credentials_were_given(artifact, monkeypatch, env, needles):
+    for var in ("KILN_OCI_USERNAME", "KILN_OCI_PASSWORD"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with canned_server(lambda m, p, port: (401, {"WWW-Authenticate": 'Basic realm="r"'}, b"{}")) as port:
+        code, _, err = run_cli("publish", str(artifact), "--to", f"oci://127.0.0.1:{port}/kiln/tiny:v1")
+    assert code == 10, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_mlflow_silent_garbage_or_locked_servers_are_exit_10(artifact, monkeypatch):
+    pytest.importorskip("mlflow")
+    from kiln.publish import mlflow as kiln_mlflow
+
+    monkeypatch.setattr(kiln_mlflow, "HEALTH_TIMEOUT", 1)
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    with silent_server() as port:
+        code, _, err = run_cli("publish", str(artifact), "--to", f"mlflow://127.0.0.1:{port}/m")
+    assert code == 10 and "did not answer within 1 s" in err, err
+    with canned_server(html) as port:
+        code, _, err = run_cli("publish", str(artifact), "--to", f"mlflow://127.0.0.1:{port}/m")
+    assert code == 10 and "MLflow tracking server" in err, err
+    with canned_server(lambda m, p, port: (401, {}, b"")) as port:
+        code, _, err = run_cli("publish", str(artifact), "--to", f"mlflow://127.0.0.1:{port}/m")
+        assert code == 10 and "requires authentication; none were given" in err and "MLFLOW_TRACKING_PASSWORD" in err, err
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
+        code, _, err = run_cli("publish", str(artifact), "--to", f"mlflow://127.0.0.1:{port}/m")
+        assert code == 10 and "refused the credentials" in err, err

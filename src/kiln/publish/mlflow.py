@@ -13,6 +13,10 @@ from kiln.errors import PublishError
 
 DIGEST_TAG = "kiln.manifest_sha256"
 EXPERIMENT = "kiln"
+HEALTH_TIMEOUT = 10  # seconds, to connect and to answer /health
+CREDENTIALS_HINT = "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+DOWN_HINT = "check the host and port, and that `mlflow server` is running"
+NOT_MLFLOW = "check that HOST:PORT is a healthy MLflow tracking server (`mlflow server`), not another service"
 
 
 def _tracking_uri(dest) -> str:
@@ -22,23 +26,39 @@ def _tracking_uri(dest) -> str:
 
 def _reachable(uri: str, dest) -> None:
     import requests
+    import requests.exceptions as rx
 
+    server = f"MLflow server {dest.address}"
     try:
-        r = requests.get(f"{uri}/health", timeout=10)
-    except requests.exceptions.RequestException:
-        raise PublishError(f"MLflow server {dest.address} is not reachable",
-                           hint="check the host and port, and that `mlflow server` is running") from None
+        r = requests.get(f"{uri}/health", timeout=HEALTH_TIMEOUT)
+    except rx.ConnectionError:  # a connect timeout included
+        raise PublishError(f"{server} is not reachable", hint=DOWN_HINT) from None
+    except rx.Timeout:
+        raise PublishError(f"{server} accepted the connection but did not answer within {HEALTH_TIMEOUT} s "
+                           f"(GET {uri}/health)", hint=NOT_MLFLOW) from None
+    except rx.RequestException as exc:
+        raise PublishError(f"{server}: GET {uri}/health failed: {type(exc).__name__}", hint=NOT_MLFLOW) from None
     if r.status_code in (401, 403):
-        raise PublishError(f"MLflow server {dest.address} refused the credentials",
-                           hint="set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+        raise _denied(dest)
+
+
+def _denied(dest) -> PublishError:
+    """No credentials at all, or credentials the server refused: the two call for different fixes."""
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    creds = read_mlflow_creds()
+    if not (creds.username and creds.password) and not os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return PublishError(f"MLflow server {dest.address} requires authentication; none were given",
+                            hint=f"{CREDENTIALS_HINT} in the environment")
+    return PublishError(f"MLflow server {dest.address} refused the credentials", hint=CREDENTIALS_HINT)
 
 
 def _explain(exc: Exception, dest) -> PublishError:
     text = str(exc)
     if "401" in text or "403" in text or "PERMISSION_DENIED" in text or "UNAUTHENTICATED" in text:
-        return PublishError(f"MLflow server {dest.address} refused the credentials",
-                            hint="set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
-    return PublishError(f"MLflow server {dest.address}: {text.splitlines()[0][:300] if text else type(exc).__name__}")
+        return _denied(dest)
+    return PublishError(f"MLflow server {dest.address}: {text.splitlines()[0][:300] if text else type(exc).__name__}",
+                        hint=NOT_MLFLOW)
 
 
 def find_version(client, name: str, digest: str):

@@ -12,10 +12,12 @@ treats a basic-auth challenge's realm as a token URL and retries it for minutes 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from kiln.errors import PublishError
@@ -26,7 +28,17 @@ MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 EMPTY_CONFIG = ("application/vnd.oci.empty.v1+json", b"{}")
 DIGEST_KEY = "dev.kiln.manifest.sha256"
 LOOPBACK = {"localhost", "127.0.0.1", "::1"}
-TIMEOUT = 60
+CONNECT_TIMEOUT = 10  # seconds to open the connection
+READ_TIMEOUT = 60  # seconds the registry may stay silent while answering
+CREDENTIAL_VARS = ("KILN_OCI_USERNAME", "KILN_OCI_PASSWORD")
+NOT_A_REGISTRY = "check that --to names an OCI registry (one serving the distribution API under /v2/), " \
+                 "not a web server or another service on that port"
+
+
+def _snippet(text: str, limit: int = 80) -> str:
+    """The start of a body on one printable line, for an error message."""
+    flat = " ".join(text.split())
+    return "".join(c if c.isprintable() else "?" for c in flat)[:limit]
 
 
 class OciClient:
@@ -39,69 +51,122 @@ class OciClient:
         insecure = dest.host in LOOPBACK or os.environ.get("KILN_OCI_INSECURE") == "1"
         self.base = f"{'http' if insecure else 'https'}://{dest.address}/v2/{dest.name}"
         self.session = requests.Session()
-        user, password = os.environ.get("KILN_OCI_USERNAME"), os.environ.get("KILN_OCI_PASSWORD")
+        user, password = (os.environ.get(v) for v in CREDENTIAL_VARS)
         self.basic = (user, password) if user and password else None
         self.session.auth = self.basic
 
-    def request(self, method: str, url: str, **kw):
-        import requests
-
-        try:
-            r = self.session.request(method, url, timeout=TIMEOUT, **kw)
-            if r.status_code == 401 and "bearer" in r.headers.get("WWW-Authenticate", "").lower():
-                self._bearer(r.headers["WWW-Authenticate"])
-                r = self.session.request(method, url, timeout=TIMEOUT, **kw)
-        except requests.exceptions.ConnectionError:
-            raise PublishError(f"OCI registry {self.dest.address} is not reachable",
-                               hint="check the host and port, and that the registry is running") from None
+    def request(self, method: str, url: str, action: str, **kw):
+        r = self._send(method, url, action, **kw)
+        challenge = r.headers.get("WWW-Authenticate", "")
+        if r.status_code == 401 and "bearer" in challenge.lower():
+            self._bearer(challenge, action)
+            r = self._send(method, url, action, **kw)
         if r.status_code in (401, 403):
-            raise PublishError(f"OCI registry {self.dest.address} refused the credentials (HTTP {r.status_code})",
-                               hint="set KILN_OCI_USERNAME and KILN_OCI_PASSWORD to an account that may push to "
-                                    f"{self.dest.name}")
+            raise self._denied(f"HTTP {r.status_code} while {action}")
         return r
 
-    def _bearer(self, challenge: str) -> None:
+    def _send(self, method: str, url: str, action: str, **kw):
+        with self._transport(action, method, url):
+            return self.session.request(method, url, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT), **kw)
+
+    @contextlib.contextmanager
+    def _transport(self, action: str, method: str, url: str) -> Iterator[None]:
+        """Every failure of requests itself (no answer, TLS, a redirect loop, a cut-off body…) as a PublishError."""
+        import requests.exceptions as rx
+
+        registry, where = f"OCI registry {self.dest.address}", f"{action} ({method} {url.split('?')[0]})"
+        try:
+            yield
+        except rx.ConnectTimeout:
+            raise PublishError(f"{registry} is not reachable: no connection within {CONNECT_TIMEOUT} s while {where}",
+                               hint="check the host and port, and that the registry is running") from None
+        except rx.Timeout:
+            raise PublishError(f"{registry} accepted the connection but did not answer within {READ_TIMEOUT} s "
+                               f"while {where}",
+                               hint="check that the registry is healthy, and that HOST:PORT is the registry's") from None
+        except rx.SSLError as exc:
+            reason = re.search(r"\[SSL[^\]]*\]\s*(.*?)\s*\(_ssl", str(exc))  # OpenSSL's words, not the pool's
+            why = f" ({reason[1]})" if reason else ""
+            raise PublishError(f"{registry}: the TLS handshake failed{why} while {where}",
+                               hint="for a registry that speaks plain HTTP set KILN_OCI_INSECURE=1; for a private CA "
+                                    "point REQUESTS_CA_BUNDLE at its certificate") from None
+        except rx.ConnectionError:
+            raise PublishError(f"{registry} is not reachable while {where}",
+                               hint="check the host and port, and that the registry is running") from None
+        except rx.RequestException as exc:
+            raise PublishError(f"{registry}: {where} failed: {type(exc).__name__}: {_snippet(str(exc), 200)}",
+                               hint=NOT_A_REGISTRY) from None
+
+    def _denied(self, what: str) -> PublishError:
+        registry = f"OCI registry {self.dest.address}"
+        if self.basic is None:
+            unset = [v for v in CREDENTIAL_VARS if not os.environ.get(v)]
+            return PublishError(f"{registry} requires authentication; none were given ({what})",
+                                hint=f"set {' and '.join(CREDENTIAL_VARS)} in the environment to an account that may "
+                                     f"push to {self.dest.name} ({' and '.join(unset)} "
+                                     f"{'is' if len(unset) == 1 else 'are'} not set)")
+        return PublishError(f"{registry} refused the credentials ({what})",
+                            hint=f"set {' and '.join(CREDENTIAL_VARS)} to an account that may push to {self.dest.name}")
+
+    def _bearer(self, challenge: str, action: str) -> None:
         params = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
-        r = self.session.get(params.pop("realm"), params=params, auth=self.basic, timeout=TIMEOUT)
-        if r.status_code != 200:
-            raise PublishError(f"OCI registry {self.dest.address} refused the credentials (token: HTTP {r.status_code})",
-                               hint="set KILN_OCI_USERNAME and KILN_OCI_PASSWORD")
-        body = r.json()
+        realm = params.pop("realm", "")
+        if not realm:
+            raise PublishError(f"OCI registry {self.dest.address} asked for a bearer token without a realm to get it "
+                               f"from (WWW-Authenticate: {_snippet(challenge)!r}) while {action}", hint=NOT_A_REGISTRY)
+        what = f"requesting a token for {action}"
+        with self._transport(what, "GET", realm):
+            r = self.session.get(realm, params=params, auth=self.basic, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+        if r.status_code in (401, 403):
+            raise self._denied(f"token: HTTP {r.status_code}")
+        self._ok(r, what)
+        body = self._json(r, what)
+        token = body.get("token") or body.get("access_token")
+        if not isinstance(token, str):
+            raise PublishError(f"OCI registry {self.dest.address}: {what}: {realm} answered without a token",
+                               hint=NOT_A_REGISTRY)
         self.session.auth = None
-        self.session.headers["Authorization"] = f"Bearer {body.get('token') or body.get('access_token')}"
+        self.session.headers["Authorization"] = f"Bearer {token}"
 
     def manifest(self, ref: str) -> dict | None:
-        r = self.request("GET", f"{self.base}/manifests/{ref}", headers={"Accept": MANIFEST_TYPE})
+        action = f"reading tag {ref}"
+        r = self.request("GET", f"{self.base}/manifests/{ref}", action, headers={"Accept": MANIFEST_TYPE})
         if r.status_code == 404:
             return None
-        self._ok(r, f"reading {ref}")
-        return r.json()
+        self._ok(r, action)
+        return self._json(r, action)
 
     def has_blob(self, digest: str) -> bool:
-        return self.request("HEAD", f"{self.base}/blobs/{digest}").status_code == 200
+        return self.request("HEAD", f"{self.base}/blobs/{digest}", f"looking for blob {digest[:19]}").status_code == 200
 
     def put_blob(self, path_or_bytes, digest: str, size: int) -> None:
         if self.has_blob(digest):
             return  # content-addressed: already there (a retry, or the same file in another artifact)
-        r = self.request("POST", f"{self.base}/blobs/uploads/")
-        self._ok(r, "starting an upload")
-        loc = r.headers["Location"]
+        action = "starting an upload"
+        r = self.request("POST", f"{self.base}/blobs/uploads/", action)
+        self._ok(r, action)
+        loc = r.headers.get("Location")
+        if not loc:
+            raise PublishError(f"OCI registry {self.dest.address}: {action}: {r.url} answered HTTP {r.status_code} "
+                               "without the Location header the OCI distribution API sends", hint=NOT_A_REGISTRY)
         if loc.startswith("/"):
             loc = self.base.split("/v2/")[0] + loc
         sep = "&" if "?" in loc else "?"
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        action = f"uploading {digest[:19]}"
         if isinstance(path_or_bytes, bytes):
-            r = self.request("PUT", f"{loc}{sep}digest={digest}", data=path_or_bytes, headers=headers)
+            r = self.request("PUT", f"{loc}{sep}digest={digest}", action, data=path_or_bytes, headers=headers)
         else:
             with open(path_or_bytes, "rb") as f:
-                r = self.request("PUT", f"{loc}{sep}digest={digest}", data=f, headers=headers)
-        self._ok(r, f"uploading {digest[:19]}")
+                r = self.request("PUT", f"{loc}{sep}digest={digest}", action, data=f, headers=headers)
+        self._ok(r, action)
 
     def get_blob(self, digest: str, out: Path) -> None:
-        r = self.request("GET", f"{self.base}/blobs/{digest}", stream=True)
-        self._ok(r, f"downloading {digest[:19]}")
+        action, url = f"downloading {digest[:19]}", f"{self.base}/blobs/{digest}"
+        r = self.request("GET", url, action, stream=True)
+        self._ok(r, action)
         h = hashlib.sha256()
-        with open(out, "wb") as f:
+        with open(out, "wb") as f, self._transport(action, "GET", url):
             for chunk in r.iter_content(1 << 20):
                 h.update(chunk)
                 f.write(chunk)
@@ -109,12 +174,26 @@ class OciClient:
             raise PublishError(f"OCI registry {self.dest.address}: blob {digest} arrived with another digest")
 
     def put_manifest(self, tag: str, body: bytes) -> None:
-        r = self.request("PUT", f"{self.base}/manifests/{tag}", data=body, headers={"Content-Type": MANIFEST_TYPE})
-        self._ok(r, "writing the manifest")
+        action = "writing the manifest"
+        r = self.request("PUT", f"{self.base}/manifests/{tag}", action, data=body, headers={"Content-Type": MANIFEST_TYPE})
+        self._ok(r, action)
 
     def _ok(self, r, action: str) -> None:
         if r.status_code >= 300:
-            raise PublishError(f"OCI registry {self.dest.address}: {action} failed: HTTP {r.status_code} {r.text[:200]}")
+            raise PublishError(f"OCI registry {self.dest.address}: {action} failed: HTTP {r.status_code} "
+                               f"{_snippet(r.text, 200)}")
+
+    def _json(self, r, action: str) -> dict:
+        """The body as the JSON object every distribution API answer is; a web page or other service is refused."""
+        try:
+            body = r.json()
+        except ValueError:  # requests' JSONDecodeError included
+            body = None
+        if not isinstance(body, dict):
+            raise PublishError(f"OCI registry {self.dest.address}: {action}: {r.url} answered HTTP {r.status_code} "
+                               f"with {_snippet(r.text)!r}, not the JSON the OCI distribution API returns",
+                               hint=NOT_A_REGISTRY)
+        return body
 
 
 def _sha256_file(path: Path) -> str:
