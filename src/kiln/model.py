@@ -179,7 +179,8 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
-def _config_json(model_dir: Path) -> dict:
+def config_json(model_dir: Path) -> dict:
+    """A checkpoint's config.json as a dict; InputError naming the file when it is not one."""
     path = Path(model_dir) / "config.json"
     try:
         cfg = json.loads(path.read_text())
@@ -202,7 +203,7 @@ def load_config(model_dir: Path, trust_remote_code: bool = False):
 
     from kiln.arch import DECODER_LAYERS
 
-    model_type = _config_json(model_dir).get("model_type")
+    model_type = config_json(model_dir).get("model_type")
     if model_type is not None and model_type not in CONFIG_MAPPING and not trust_remote_code:
         raise InputError(f"model {model_dir}: config.json has model_type {model_type!r}, which transformers "
                          f"{transformers.__version__} does not know",

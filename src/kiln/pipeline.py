@@ -135,10 +135,11 @@ def _plan_error(problems: list[str], context: str | None = None) -> RecipeError:
 def _check_teacher(where: str, teacher: str, vocab_size: int | None) -> None:
     """A teacher given as a local path is checked as resolve_model would, before any stage runs;
     a hub id is only reachable when it downloads."""
+    from kiln.model import config_json
     from kiln.paths import resolve_path
+    from kiln.source import looks_like_path
 
-    if teacher == "original" or not (teacher.startswith(("pkg:", "/", ".", "~")) or Path(teacher).exists()
-                                     or teacher.endswith(".gguf")):
+    if teacher == "original" or not looks_like_path(teacher):
         return
     what = f"{where}.teacher"
     path = resolve_path(teacher, what)
@@ -150,7 +151,7 @@ def _check_teacher(where: str, teacher: str, vocab_size: int | None) -> None:
     config = path / "config.json"
     if not config.is_file():
         raise InputError(f"{what}: no config.json in {path}", hint=hint)
-    theirs = json.loads(config.read_text()).get("vocab_size")
+    theirs = config_json(path).get("vocab_size")
     if theirs and vocab_size and theirs != vocab_size:
         raise RecipeError(f"{what}: {teacher} has vocabulary {theirs}, the model {vocab_size}",
                           hint="distill from a teacher with the same tokenizer, e.g. `teacher: original`")
