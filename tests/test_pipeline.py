@@ -227,8 +227,16 @@ def test_a_damaged_stage_file_is_run_again_not_trusted(tiny_models, tmp_path):
 
     flipped = bytearray(original)
     flipped[-1] ^= 0xFF
+    result = json.loads((stage / "result.json").read_text())
+
+    def result_json(**change):
+        return lambda: (stage / "result.json").write_text(json.dumps({k: v for k, v in {**result, **change}.items() if v is not None}))
+
     for damage in (lambda: layer.write_bytes(bytes(flipped)), lambda: layer.write_bytes(original[: len(original) // 2]),
-                   layer.unlink, lambda: (stage / "result.json").write_text("{")):
+                   layer.unlink, lambda: (stage / "result.json").write_text("{"), lambda: (stage / "result.json").write_text("{}"),
+                   result_json(digests=None),  # as a kiln that recorded no digests wrote it: not trusted
+                   result_json(modules=None), result_json(files="layer-001.safetensors"),
+                   result_json(files=[*result["files"], "layer-999.safetensors"])):
         again = damage_and_rerun(damage)
         assert again["stages"][0]["cached"] is False
         assert again["metrics"]["compressed"]["perplexity"] == first["metrics"]["compressed"]["perplexity"]
@@ -276,3 +284,50 @@ def test_a_signal_unwinds_the_run_and_reports_json(signum, code, tmp_path, capsy
     assert signum in error["message"] and "resume" in error["message"]
     assert list(tmp_path.iterdir()) == []  # neither the target nor its temporary folder
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_run_folder_inside_an_artifact_or_the_model_or_over_files_is_refused(tiny_models, tmp_path):
+    model = tiny_models("llama")
+    recipe = write_recipe(tmp_path / "r.yaml", gptq_recipe(model, evaluate=None))
+    host = tmp_path / "host"
+    run_json("run", str(recipe), "--out", str(host), "--quiet")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "stages").write_text("a file where kiln keeps its stages")
+    cases = {host / "artifact": "inside the artifact", host / "artifact" / "sub": "inside the artifact",
+             model / "run": "inside the model folder", tmp_path / "busy": "stages is a file",
+             tmp_path / ("x" * 300): "cannot write there"}
+    for out, says in cases.items():
+        code, stdout, err = run_cli("run", str(recipe), "--out", str(out), "--json")
+        assert code == 4, (out, err)
+        assert says in json.loads(stdout)["error"]["message"] and "Traceback" not in err
+    assert run_cli("verify", str(host / "artifact"))[0] == 0  # nothing was written into it
+    assert not (model / "run").exists()
+
+
+def test_a_model_folder_without_its_tokenizer_is_exit_4(tiny_models, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models("llama"), model)
+    for f in model.glob("tokenizer*"):
+        f.unlink()
+    code, out, err = run_cli("run", str(write_recipe(tmp_path / "r.yaml", gptq_recipe(model))), "--out", str(tmp_path / "run"), "--json")
+    assert code == 4, err
+    assert "cannot load its tokenizer" in json.loads(out)["error"]["message"] and str(model) in err
+
+
+def test_a_distill_teacher_is_resolved_before_any_stage_runs(tiny_models, tmp_path):
+    """A teacher folder with no weights, or one whose config names an unknown family, fails at plan
+    time naming compress[1].teacher: stage 0 never starts."""
+    broken = {"no-weights": lambda d: [f.unlink() for f in d.glob("*.safetensors")],
+              "unknown-family": lambda d: (d / "config.json").write_text(
+                  json.dumps({**json.loads((d / "config.json").read_text()), "model_type": "frobnicator"}))}
+    for name, breaks in broken.items():
+        teacher = tmp_path / name
+        shutil.copytree(tiny_models("llama"), teacher)
+        breaks(teacher)
+        r = gptq_recipe(tiny_models("llama"))
+        r["compress"].append({"kind": "distill", "teacher": str(teacher), "steps": 1, "batch_size": 2, "seq_len": 32})
+        run_dir = tmp_path / f"run-{name}"
+        code, out, err = run_cli("run", str(write_recipe(tmp_path / f"{name}.yaml", r)), "--out", str(run_dir), "--json")
+        assert code == 4, err
+        assert json.loads(out)["error"]["message"].startswith("compress[1].teacher: "), out
+        assert not (run_dir / "stages").exists()

@@ -21,7 +21,7 @@ from pathlib import Path
 from kiln import __version__
 from kiln.context import RunContext
 from kiln.errors import InputError, RecipeError
-from kiln.recipe import OutputFormat, Recipe
+from kiln.recipe import ModelConfig, OutputFormat, Recipe
 from kiln.source import ResolvedModel, resolve_model
 
 
@@ -132,25 +132,21 @@ def _plan_error(problems: list[str], context: str | None = None) -> RecipeError:
     return RecipeError("\n  ".join([problems[0] + (f" ({context})" if context else ""), *rest]))
 
 
-def _check_teacher(where: str, teacher: str, vocab_size: int | None) -> None:
-    """A teacher given as a local path is checked as resolve_model would, before any stage runs;
-    a hub id is only reachable when it downloads."""
-    from kiln.model import config_json
-    from kiln.paths import resolve_path
+def _check_teacher(where: str, teacher: str, vocab_size: int | None, trust_remote_code: bool) -> None:
+    """A teacher given as a local path is resolved as the model is (a GGUF converted, weight headers
+    read, config.json parsed), before any stage runs; a hub id is only reachable when it downloads."""
+    from kiln.model import config_json, load_config
     from kiln.source import looks_like_path
 
     if teacher == "original" or not looks_like_path(teacher):
         return
     what = f"{where}.teacher"
-    path = resolve_path(teacher, what)
-    hint = "give `original`, a Hugging Face checkpoint folder or a .gguf file"
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise InputError(f"{what}: {teacher} is a file but not a .gguf model", hint=hint)
-        return
-    config = path / "config.json"
-    if not config.is_file():
-        raise InputError(f"{what}: no config.json in {path}", hint=hint)
+    try:
+        path = resolve_model(ModelConfig(source=teacher, trust_remote_code=trust_remote_code)).path
+        load_config(path, trust_remote_code)
+    except InputError as exc:
+        raise InputError(f"{what}: {exc.message}",
+                         hint=exc.hint or "give `original`, a Hugging Face checkpoint folder or a .gguf file") from None
     theirs = config_json(path).get("vocab_size")
     if theirs and vocab_size and theirs != vocab_size:
         raise RecipeError(f"{what}: {teacher} has vocabulary {theirs}, the model {vocab_size}",
@@ -244,7 +240,7 @@ def make_plan(recipe: Recipe, model: ResolvedModel) -> Plan:
             _check_composition(where, t, stage, history.get(t, []))
             history.setdefault(t, []).append((k, stage))
         if stage.role == "training":
-            _check_teacher(where, stage.teacher, getattr(skeleton_config, "vocab_size", None))
+            _check_teacher(where, stage.teacher, getattr(skeleton_config, "vocab_size", None), recipe.model.trust_remote_code)
             _check_distill_sizes(where, stage, recipe, plan.max_positions)
         if stage.sparsifies:
             plan.sparse.update({t: k for t in targets})
@@ -331,21 +327,30 @@ def plan_recipe(recipe: Recipe) -> Plan:
 # --- running -------------------------------------------------------------------------------------
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    """The run folder must be a folder kiln can write, known before any model loads. Checked by
-    doing it: the folders made for the check are removed again, so a recipe error after it leaves
-    nothing behind."""
-    from kiln.errors import InputError
+RUN_SUBFOLDERS = ("stages", "evals", "reference", "artifact")
 
+
+def _check_out_dir(out_dir: Path) -> None:
+    """The run folder must be a folder kiln can write, outside any artifact, known before any model
+    loads. Checked by doing it: the folders made for the check are removed again, so a recipe error
+    after it leaves nothing behind."""
     hint = "pass --out a folder path that you can write to (it is created if missing)"
     missing = []
-    for p in (out_dir, *out_dir.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise InputError(f"run folder {out_dir}: {p} is a file, not a folder", hint=hint)
-            break
-        missing.append(p)
     try:
+        for p in (out_dir, *out_dir.parents):
+            if p.exists():
+                if not p.is_dir():
+                    raise InputError(f"run folder {out_dir}: {p} is a file, not a folder", hint=hint)
+                break
+            missing.append(p)
+        for p in (out_dir.resolve(), *out_dir.resolve().parents):
+            if _is_artifact(p):
+                raise InputError(f"run folder {out_dir}: it is inside the artifact {p}, which kiln would no longer verify",
+                                 hint="choose a run folder outside every artifact")
+        for sub in RUN_SUBFOLDERS:
+            if (out_dir / sub).exists() and not (out_dir / sub).is_dir():
+                raise InputError(f"run folder {out_dir}: {out_dir / sub} is a file; kiln keeps a folder of that name there",
+                                 hint="move that file, or choose another --out")
         out_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as exc:
@@ -356,6 +361,32 @@ def _check_out_dir(out_dir: Path) -> None:
                 p.rmdir()
 
 
+def _is_artifact(folder: Path) -> bool:
+    try:
+        return "kiln_version" in json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _check_out_outside_model(out_dir: Path, model: ResolvedModel) -> None:
+    """A run folder inside the model's own folder changes the folder's digest with every run (so
+    nothing is ever reused) and mixes run files into the checkpoint."""
+    if model.path.resolve() in (out_dir.resolve(), *out_dir.resolve().parents):
+        raise InputError(f"run folder {out_dir}: it is inside the model folder {model.path}",
+                         hint="choose a run folder outside the checkpoint")
+
+
+def _tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"model {model_dir}: transformers cannot load its tokenizer: {str(exc).splitlines()[0]}",
+                         hint="the folder needs the tokenizer files saved with the model (tokenizer.json, "
+                              "tokenizer_config.json, ...): save_pretrained the tokenizer there too") from None
+
+
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -364,16 +395,26 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+RESULT_KEYS = ("index", "kind", "config", "modules", "module_stats", "files", "digests", "wall_s", "peak_rss_bytes")
+
+
 def _cached_result(result_file: Path, ctx: RunContext, label: str) -> dict | None:
-    """A finished stage's result, if its folder is intact: result.json readable and every file it
+    """A finished stage's result, if its folder is intact: result.json readable, and every file it
     lists there with the digest recorded when the stage finished. Anything else (a file truncated,
-    changed or deleted since) means the stage runs again, said in one line."""
+    changed or deleted since, a result.json edited or written by a kiln that recorded no digests)
+    means the stage runs again, said in one line."""
     try:
         result = json.loads(result_file.read_text())
-        damaged = [f for f, digest in result.get("digests", {}).items()
+        missing = [k for k in RESULT_KEYS if k not in result]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+        files, digests = result["files"], result["digests"]
+        if not (isinstance(files, list) and isinstance(digests, dict) and set(files) == set(digests)):
+            raise ValueError("its file list and digests do not match")
+        damaged = [f for f, digest in digests.items()
                    if not (result_file.parent / f).is_file() or _file_sha256(result_file.parent / f) != digest]
-    except (OSError, ValueError, AttributeError) as exc:
-        damaged = [f"{result_file.name} ({exc})"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        damaged = [f"{result_file.name}: {type(exc).__name__} {exc}"]
     if damaged:
         ctx.log(f"[yellow]{label}: cached stage {result_file.parent.name} is damaged ({', '.join(damaged)}); running it again[/yellow]")
         return None
@@ -506,7 +547,6 @@ def _dense_size_bytes(store, dtype_bytes: int) -> int:
 
 def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
     import torch
-    from transformers import AutoTokenizer
 
     from kiln import artifact
     from kiln.artifact.manifest import base_manifest, read_manifest
@@ -520,9 +560,10 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
     artifact.prepare(target)
     with ctx.meter("plan") as plan_meter:
         model = resolve_model(recipe.model)
+        _check_out_outside_model(out_dir, model)
         plan = make_plan(recipe, model)
     ctx.log(f"model {model.origin} → {model.path} ({model.kind}, {plan.num_layers} layers)")
-    tokenizer = AutoTokenizer.from_pretrained(model.path)
+    tokenizer = _tokenizer(model.path)
 
     calib, calib_info, calib_docs = None, None, None
     if recipe.data.calibration is not None:
