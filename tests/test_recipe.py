@@ -165,8 +165,8 @@ def test_compile_max_length_must_hold_what_the_checks_run(tiny_models, tmp_path,
 
 
 @pytest.mark.parametrize("teacher,code,needle", [
-    ("{tmp}/nope", 4, "compress[1].teacher not found"),
-    ("{tmp}/t.txt", 4, "compress[1].teacher: {tmp}/t.txt is a file but not a .gguf model"),
+    ("{tmp}/nope", 4, "compress[1].teacher: model not found: {tmp}/nope"),
+    ("{tmp}/t.txt", 4, "compress[1].teacher: model {tmp}/t.txt: a single file must be a .gguf"),
 ])
 def test_distill_teacher_is_checked_at_plan_time(tiny_models, tmp_path, teacher, code, needle):
     from conftest import gptq_recipe
