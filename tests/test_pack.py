@@ -258,3 +258,36 @@ def test_compare_verifies_digests_and_inspect_names_a_missing_path(built_run, tm
     assert code == 7 and "sha256 mismatch: config.json" in err
     code, _, err = run_cli("inspect", str(tmp_path / "no" / "such"))
     assert code == 4 and "no such folder" in err
+
+
+def test_only_the_top_level_manifest_is_exempt_from_the_digests(built_run, tmp_path):
+    from conftest import run_cli
+
+    from kiln.artifact.manifest import file_digests
+
+    run, _ = _copy_run(built_run, tmp_path)
+    art = run / "artifact"
+    (art / "serving" / "manifest.json").write_text('{"added": "after kiln wrote the artifact"}')
+    code, _, err = run_cli("verify", str(art))
+    assert code == 7 and "not in manifest: serving/manifest.json" in err, err
+    code, _, err = run_cli("publish", str(art), "--to", "oci://127.0.0.1:9/kiln/x:v1")
+    assert code == 7 and "not in manifest: serving/manifest.json" in err, err
+    assert "serving/manifest.json" in file_digests(art) and "manifest.json" not in file_digests(art)
+
+
+def test_rerun_over_an_unreadable_manifest_says_so_and_how_to_proceed(built_run, tmp_path):
+    import shutil
+
+    from conftest import run_cli
+
+    run, recipe = _copy_run(built_run, tmp_path)
+    manifest = run / "artifact" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:200])
+    code, _, err = run_cli("run", str(recipe), "--out", str(run), "-q")
+    err = " ".join(err.split())
+    assert code == 7 and "holds a manifest.json kiln cannot read (not valid JSON" in err, err
+    assert "no kiln manifest.json" not in err and "delete the folder: it is rebuilt from the cached stages" in err, err
+    assert (run / "artifact" / "model.safetensors").exists()
+    shutil.rmtree(run / "artifact")
+    code, _, err = run_cli("run", str(recipe), "--out", str(run), "-q")
+    assert code == 0 and run_cli("verify", str(run / "artifact"))[0] == 0, err

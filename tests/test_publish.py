@@ -338,3 +338,29 @@ def test_mlflow_silent_garbage_or_locked_servers_are_exit_10(artifact, monkeypat
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
         code, _, err = run_cli("publish", str(artifact), "--to", f"mlflow://127.0.0.1:{port}/m")
         assert code == 10 and "refused the credentials" in err, err
+
+
+def test_unprotected_or_gate_failing_manifests_are_never_published(artifact, tmp_path):
+    from kiln.artifact.manifest import write_manifest
+
+    uri = "oci://127.0.0.1:9/kiln/never:v1"  # refused before any request, so no registry is needed
+    old = tmp_path / "old"
+    shutil.copytree(artifact, old)
+    m = json.loads((old / "manifest.json").read_text())
+    assert m["status"] == "accepted"
+    unprotected = {k: v for k, v in m.items() if k != "content_sha256"} | {"schema_version": 1}
+    (old / "manifest.json").write_text(json.dumps(unprotected, indent=2))
+    assert run_cli("verify", str(old))[0] == 0  # reading an old manifest is fine
+    code, _, err = run_cli("publish", str(old), "--to", uri)
+    err = " ".join(err.split())
+    assert code == 10 and "has no content_sha256: an older kiln wrote it, or it was edited" in err, err
+    assert "rerun `kiln run` with its recipe to rebuild the artifact: that writes a protected manifest" in err, err
+    lying = tmp_path / "lying"
+    shutil.copytree(artifact, lying)
+    m["gates"] = [{"gate": "max_perplexity_ratio", "subject": "compressed/wiki", "value": 2.0, "limit": 1.1, "passed": False},
+                  "not a gate record"]
+    write_manifest(lying, m)  # resealed: status still 'accepted'
+    code, _, err = run_cli("publish", str(lying), "--to", uri)
+    err = " ".join(err.split())
+    assert code == 10 and "says 'accepted' but records failed gates" in err, err
+    assert "max_perplexity_ratio compressed/wiki" in err and "'not a gate record'" in err, err

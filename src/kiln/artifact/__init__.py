@@ -178,22 +178,31 @@ def build_checkpoint(root: Path, model_dir: Path, store, quantized: dict[str, di
             shutil.copy2(model_dir / f, root / f)
 
 
-def _foreign(target: Path) -> str | None:
-    """Why `target` is not a folder kiln may replace, or None: absent, empty, or a kiln artifact
-    with no file its manifest does not list (its listed files may be changed or missing)."""
+MOVE_HINT = "move it elsewhere, or choose another --out"
+
+
+def _foreign(target: Path) -> tuple[str, str] | None:
+    """Why `target` is not a folder kiln may replace, and what to do; None when it may be replaced:
+    absent, empty, or a kiln artifact with no file its manifest does not list (its listed files may
+    be changed or missing)."""
     if not target.exists() and not target.is_symlink():
         return None
     if target.is_symlink() or not target.is_dir():
-        return "is not a folder"
+        return "is not a folder", MOVE_HINT
     present = {str(p.relative_to(target)) for p in target.rglob("*") if p.is_symlink() or not p.is_dir()}
     if not present:
         return None
+    if not (target / MANIFEST).is_file():
+        return f"holds files but no kiln {MANIFEST}", MOVE_HINT
     try:
         listed = set(read_manifest(target)["files"])
-    except KilnError:
-        return f"holds files but no kiln {MANIFEST}"
+    except KilnError as exc:  # whose folder it is cannot be told, so it is not deleted
+        why = exc.message.removeprefix(f"{target / MANIFEST}: ")
+        return (f"holds a {MANIFEST} kiln cannot read ({why})",
+                "if it is kiln's artifact from an earlier run, delete the folder: it is rebuilt from the cached "
+                f"stages; otherwise {MOVE_HINT}")
     extra = sorted(present - listed - {MANIFEST})
-    return f"holds files kiln did not write: {', '.join(extra[:5])}" if extra else None
+    return (f"holds files kiln did not write: {', '.join(extra[:5])}", MOVE_HINT) if extra else None
 
 
 def _remove_stale(target: Path) -> None:
@@ -207,9 +216,9 @@ def _remove_stale(target: Path) -> None:
 def prepare(target: Path) -> None:
     """Before a run does any work: clear kiln's stale temporary folders beside `target`, and refuse
     a `target` that kiln did not write (it would be replaced, and kiln deletes only what it wrote)."""
-    if (why := _foreign(target)) is not None:
-        raise ArtifactError(f"{target} {why}; kiln replaces this folder with the artifact and will not delete it",
-                            hint="move it elsewhere, or choose another --out")
+    if (refusal := _foreign(target)) is not None:
+        why, hint = refusal
+        raise ArtifactError(f"{target} {why}; kiln replaces this folder with the artifact and will not delete it", hint=hint)
     if target.parent.is_dir():
         _remove_stale(target)
 
@@ -229,9 +238,10 @@ def commit(tmp: Path, target: Path, manifest: dict) -> None:
     manifest["size_bytes"] = sum(f["size_bytes"] for f in manifest["files"].values())
     write_manifest(tmp, manifest)
     _readable(tmp)
-    if (why := _foreign(target)) is not None:  # appeared during the run
+    if (refusal := _foreign(target)) is not None:  # appeared during the run
+        why, hint = refusal
         raise ArtifactError(f"{target} {why}; the artifact was not written, so as not to delete it",
-                            hint="move it elsewhere and rerun (the stages are cached), or choose another --out")
+                            hint=f"{hint} (then rerun: the stages are cached)")
     old = None
     if target.exists():
         old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))

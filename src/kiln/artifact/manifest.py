@@ -18,8 +18,8 @@ SCHEMA_VERSION = 2  # 2: content_sha256 (schema 1 manifests have none and verify
 MANIFEST = "manifest.json"
 CONTENT_DIGEST = "content_sha256"
 REQUIRED = ("schema_version", "kiln_version", "status", "files")
-UNPROTECTED = (f"note: this manifest has no {CONTENT_DIGEST} (a kiln before schema 2 wrote it), so an edit to it "
-               "goes undetected; rerun `kiln run` to rebuild the artifact with one")
+UNPROTECTED = (f"note: this manifest has no {CONTENT_DIGEST} (a kiln before schema 2 wrote it, or it was removed), so an edit "
+               "to it goes undetected and `kiln publish` refuses it; rerun `kiln run` to rebuild the artifact with one")
 LIBRARIES = ("torch", "transformers", "safetensors", "compressed-tensors", "gguf", "datasets", "pydantic")
 
 
@@ -33,12 +33,14 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def content_files(root: Path) -> list[Path]:
+    """Every file of the artifact but its own top-level manifest.json (a manifest.json deeper down is
+    content like any other file)."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root) != Path(MANIFEST))
+
+
 def file_digests(root: Path) -> dict[str, dict]:
-    return {
-        str(p.relative_to(root)): {"sha256": sha256_file(p), "size_bytes": p.stat().st_size}
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
+    return {str(p.relative_to(root)): {"sha256": sha256_file(p), "size_bytes": p.stat().st_size} for p in content_files(root)}
 
 
 def content_digest(manifest: dict) -> str:
@@ -101,7 +103,7 @@ def verify(root: Path) -> dict:
                             "edited after kiln wrote it (status, metrics and file digests cannot be trusted)",
                             hint="restore the original manifest.json, or rerun `kiln run` with its recipe to rebuild the artifact")
     expected = manifest["files"]
-    actual = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST}
+    actual = {str(p.relative_to(root)) for p in content_files(root)}
     problems = [f"missing: {f}" for f in sorted(set(expected) - actual)]
     problems += [f"not in manifest: {f}" for f in sorted(actual - set(expected))]
     for f in sorted(set(expected) & actual):

@@ -48,16 +48,35 @@ def manifest_digest(root: Path) -> str:
     return hashlib.sha256((Path(root) / "manifest.json").read_bytes()).hexdigest()
 
 
+def _failed_gates(manifest: dict) -> list[str]:
+    """The recorded gate checks that did not pass; a record kiln could not have written counts as failed."""
+    gates = manifest.get("gates") or []
+    if not isinstance(gates, list):
+        return [f"'gates' is a JSON {type(gates).__name__}, not a list"]
+    return [f"{g.get('gate')} {g.get('subject')}" if isinstance(g, dict) else repr(g)
+            for g in gates if not (isinstance(g, dict) and g.get("passed") is True)]
+
+
 def publishable(root: Path) -> dict:
-    """The manifest of an artifact that may be published: every digest verified, status accepted."""
-    from kiln.artifact.manifest import verify
+    """The manifest of an artifact that may be published: every digest verified, the manifest's own
+    included (one without it is refused: its status could have been edited), status accepted and
+    every recorded gate passed."""
+    from kiln.artifact.manifest import CONTENT_DIGEST, MANIFEST, protected, verify
 
     manifest = verify(root)  # ArtifactError (exit 7) for a tampered, incomplete or foreign folder
+    rebuild = "rerun `kiln run` with its recipe to rebuild the artifact"
+    if not protected(manifest):
+        raise PublishError(f"{Path(root) / MANIFEST} has no {CONTENT_DIGEST}: an older kiln wrote it, or it was edited, "
+                           "so its status and metrics cannot be trusted; only an artifact whose manifest carries its "
+                           "own digest is published", hint=f"{rebuild}: that writes a protected manifest")
+    failed = _failed_gates(manifest)
     if manifest.get("status") != "accepted":
-        failed = [f"{g['gate']} {g['subject']}" for g in manifest.get("gates", []) if not g["passed"]]
         raise PublishError(f"{root}: the artifact is {manifest.get('status')!r}; only accepted artifacts are published"
                            + (f" (failed gates: {', '.join(failed)})" if failed else ""),
                            hint="fix the recipe or its gates and rerun kiln run")
+    if failed:
+        raise PublishError(f"{root}: the manifest says 'accepted' but records failed gates ({', '.join(failed)}); "
+                           "an artifact is published only when every gate passed", hint=rebuild)
     return manifest
 
 
