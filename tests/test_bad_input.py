@@ -193,3 +193,102 @@ def test_tensors_renamed_by_transformers(tiny_models, tmp_path):
             shutil.copy2(f, model / f.name)
     _assert_fails(tmp_path, write_recipe(tmp_path / "r.yaml", gptq_recipe(model)), 4,
                   "(gpt_neox)", "no tensor named lm_head.weight", "embed_out")
+
+
+def _rewrite_header(weights, edit) -> None:
+    """Rewrite a safetensors header through `edit(header)`, leaving the data bytes as they are."""
+    raw = weights.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    weights.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+def test_safetensors_shape_disagrees_with_byte_range(tiny_models, tmp_path):
+    model = _copy_model(tiny_models("llama"), tmp_path / "m")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    _rewrite_header(model / "model.safetensors", lambda h: h[name].update(shape=[32, 64]))
+    p = write_recipe(tmp_path / "r.yaml", gptq_recipe(model))
+    _assert_fails(tmp_path, p, 4, "model.safetensors", f"tensor {name} is F32 of shape [32, 64]",
+                  "byte range holds 16384 bytes")
+
+
+def test_weights_shape_disagrees_with_config(tiny_models, tmp_path):
+    model = _copy_model(tiny_models("llama"), tmp_path / "m")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors = load_file(model / "model.safetensors")
+    tensors[name] = tensors[name].reshape(32, 128).contiguous()
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    p = write_recipe(tmp_path / "r.yaml", gptq_recipe(model))
+    _assert_fails(tmp_path, p, 4, "config.json and the weights disagree", name,
+                  "config.json gives [64, 64], the weights hold [32, 128]")
+
+
+def test_checkpoint_shapes_agree_for_conv1d_and_tied(tiny_models):
+    from kiln.model import build_skeleton, check_checkpoint
+
+    for arch in ("gpt2", "llama"):  # GPT-2 stores Conv1D weights (in, out); llama ties lm_head
+        check_checkpoint(build_skeleton(tiny_models(arch)), tiny_models(arch))
+
+
+def test_corrupt_pytorch_bin(tiny_models, tmp_path):
+    model = _copy_model(tiny_models("llama"), tmp_path / "binbad")
+    (model / "model.safetensors").unlink()
+    (model / "pytorch_model.bin").write_bytes(b"garbage" * 1000)
+    _assert_fails(tmp_path, write_recipe(tmp_path / "r.yaml", gptq_recipe(model)), 4,
+                  f"could not load model {model}", "a weight file is corrupt, truncated or not a PyTorch checkpoint")
+
+
+@pytest.mark.parametrize("text", ["x: &a [1, *a]\n", "extra: &o {format: kiln, extra: *o}\n"])
+def test_recursive_yaml_alias(tiny_models, tmp_path, text):
+    p = write_recipe(tmp_path / "r.yaml", gptq_recipe(tiny_models("llama")))
+    p.write_text(p.read_text() + text)
+    _assert_fails(tmp_path, p, 3, "r.yaml:", "an alias refers to a node that contains it")
+    rc, _, stderr = run_cli("validate", str(p))
+    assert rc == 3 and "Traceback" not in stderr and "structure without end" in stderr
+
+
+def test_kiln_cache_is_a_file(tiny_models, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("KILN_CACHE", str(blocker))
+    _assert_fails(tmp_path, write_recipe(tmp_path / "r.yaml", gptq_recipe(tiny_models("llama"))), 4,
+                  f"KILN_CACHE={blocker}: {blocker} is a file, not a folder")
+
+
+def test_digest_memo_is_a_folder(tmp_path, monkeypatch):
+    from kiln.paths import cached_sha256, sha256_file
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "digests.json").mkdir(parents=True)
+    f = tmp_path / "data.txt"
+    f.write_text("some bytes")
+    assert cached_sha256(f) == sha256_file(f)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["digests.json"]
+
+
+def test_crlf_text_splits_into_documents(tmp_path):
+    from kiln.data import load_documents
+
+    lf, crlf = tmp_path / "lf.txt", tmp_path / "crlf.txt"
+    lf.write_bytes(b"first line\nsame doc\n\nsecond doc\n\nthird doc\n")
+    crlf.write_bytes(lf.read_bytes().replace(b"\n", b"\r\n"))
+    assert load_documents(str(crlf)).texts == load_documents(str(lf)).texts == [
+        "first line\nsame doc", "second doc", "third doc"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+def test_utf16_calibration_text(tiny_models, tmp_path, encoding):
+    text = tmp_path / "calib.txt"
+    text.write_bytes("Some text.\n\nMore text.\n".encode(encoding))
+    r = gptq_recipe(tiny_models("llama"))
+    r["data"]["calibration"]["source"] = str(text)
+    _assert_fails(tmp_path, write_recipe(tmp_path / "r.yaml", r), 4, f"{text} is UTF-{encoding[4:6]} text",
+                  "save it as UTF-8")
+
+
+def test_recipe_path_is_a_folder(tmp_path):
+    rc, _, stderr = run_cli("run", str(tmp_path), "--quiet")
+    assert rc == 4 and f"{tmp_path} is a folder, not a recipe file" in stderr

@@ -43,15 +43,35 @@ class TokenWindows:
 
 
 def _decode(path: Path, data: bytes, where: str) -> str:
-    """UTF-8 text, a stray byte of a legacy encoding replaced (the BBC corpus has Latin-1 '£' signs);
+    """UTF-8 text with its line ends made "\n" (a CRLF file splits into documents at blank lines like any
+    other), a stray byte of a legacy encoding replaced (the BBC corpus has Latin-1 '£' signs);
     a NUL byte or more than 10% undecodable bytes means the file is not text (a model, an archive)."""
+    wide = _wide_encoding(data)
+    if wide:
+        raise InputError(f"{where}: {path} is {wide} text; kiln reads text files as UTF-8",
+                         hint=f"save it as UTF-8 (e.g. iconv -f {wide} -t UTF-8)")
     text = data.decode("utf-8", errors="replace")
     bad = text.count("\ufffd")
     if b"\0" in data or bad > len(text) / 10:
         what = "NUL bytes" if b"\0" in data else f"{bad} bytes that are not UTF-8"
         raise InputError(f"{where}: {path} is not text (it holds {what}); is it a model or archive file?",
                          hint="point it at a .txt file, or at a .jsonl/.parquet/.arrow table with `field:`")
-    return text
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _wide_encoding(data: bytes) -> str | None:
+    """'UTF-32' or 'UTF-16' when the bytes start with that encoding's byte-order mark, or (without
+    one) have a NUL in every such unit's high bytes, as ASCII text in that encoding does."""
+    if data.startswith((b"\xff\xfe\0\0", b"\0\0\xfe\xff")):
+        return "UTF-32"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16"
+    head = data[:4096]
+    if len(head) < 8 or len(head) % 2:
+        return None
+    if len(head) % 4 == 0 and sum(map(any, (head[i::4] for i in range(4)))) == 1 and (any(head[0::4]) or any(head[3::4])):
+        return "UTF-32"
+    return "UTF-16" if any(head[0::2]) != any(head[1::2]) else None
 
 
 def check_source(spec: str, where: str) -> None:

@@ -30,10 +30,17 @@ def stored_dtype(shape, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if len(shape) <= 1 else dtype
 
 
-def safetensors_keys(path: Path) -> list[str]:
-    """The tensor names in a safetensors file, read from its header alone, after checking that the
-    file is as long as the header says: a truncated download fails here, naming the file, rather
-    than at the first read of a tensor near its end."""
+# bits per element, from the safetensors format's dtype list
+DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8,
+              "U64": 64, "U32": 32, "U16": 16, "U8": 8, "BOOL": 8, "C64": 64, "F8_E4M3": 8, "F8_E5M2": 8,
+              "F8_E8M0": 8, "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4}
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape in a safetensors file, read from its header alone, after checking that the
+    file is as long as the header says and that each tensor's byte range holds exactly its shape in
+    its dtype: a truncated download or a corrupt header fails here, naming the file (and tensor),
+    rather than at the first read of a tensor near its end."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -47,14 +54,38 @@ def safetensors_keys(path: Path) -> list[str]:
                          hint="re-download or re-save the checkpoint")
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
     try:
-        expected = 8 + n + max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+        ranges = {k: (int(v["data_offsets"][0]), int(v["data_offsets"][1])) for k, v in tensors.items()}
+        shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in tensors.items()}
+        dtypes = {k: str(v["dtype"]) for k, v in tensors.items()}
     except (TypeError, KeyError, IndexError, ValueError):
-        raise InputError(f"{path}: not a safetensors file (its header has no byte ranges)",
+        raise InputError(f"{path}: not a safetensors file (its header has no byte ranges, shapes and dtypes)",
                          hint="re-download or re-save the checkpoint") from None
+    expected = 8 + n + max((end for _, end in ranges.values()), default=0)
     if expected != size:
         raise InputError(f"{path}: truncated or corrupt: its header says {expected} bytes, the file has {size}",
                          hint="re-download or re-save the checkpoint")
-    return list(tensors)
+    for name, (begin, end) in ranges.items():
+        _check_tensor_range(path, name, shapes[name], dtypes[name], end - begin)
+    return shapes
+
+
+def _check_tensor_range(path: Path, name: str, shape: tuple[int, ...], dtype: str, nbytes: int) -> None:
+    bits = DTYPE_BITS.get(dtype)
+    if bits is None:
+        raise InputError(f"{path}: tensor {name} has dtype {dtype!r}, which is not a safetensors dtype",
+                         hint="re-download or re-save the checkpoint")
+    count = 1
+    for d in shape:
+        count *= d
+    if min(shape, default=0) < 0 or count * bits != nbytes * 8:
+        raise InputError(f"{path}: corrupt header: tensor {name} is {dtype} of shape {list(shape)} "
+                         f"({count * bits / 8:g} bytes) but its byte range holds {nbytes} bytes",
+                         hint="re-download or re-save the checkpoint")
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    """The tensor names in a safetensors file, with the checks of safetensors_shapes."""
+    return list(safetensors_shapes(path))
 
 
 class WeightStore:
@@ -276,19 +307,27 @@ def materialize(model: nn.Module, prefix: str, store: WeightStore, aliases: dict
 
 def check_checkpoint(model: nn.Module, model_dir: Path) -> None:
     """Every parameter and persistent buffer of the skeleton is in the checkpoint under its module
-    name (a tied tensor under any of its names): checked at plan time, from the headers alone,
-    because `materialize` would only find a missing one when it reaches that module."""
-    keys = {k for f in sorted(Path(model_dir).glob("*.safetensors")) for k in safetensors_keys(f)}
+    name (a tied tensor under any of its names), in the shape the skeleton built from config.json
+    gives it: checked at plan time, from the headers alone, because `materialize` would only find a
+    missing one when it reaches that module, and a wrong shape only when a layer multiplies by it."""
+    shapes = {k: v for f in sorted(Path(model_dir).glob("*.safetensors")) for k, v in safetensors_shapes(f).items()}
     aliases = tied_aliases(model)
-    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
-    names += [n for n, b in model.named_buffers() if b.is_meta]
-    missing = [n for n in names if not any(k in keys for k in [n, *aliases.get(n, [])])]
+    tensors = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
+    tensors += [(n, b) for n, b in model.named_buffers() if b.is_meta]
+    found = {n: next((k for k in [n, *aliases.get(n, [])] if k in shapes), None) for n, _ in tensors}
+    missing = [n for n, k in found.items() if k is None]
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise InputError(f"model {model_dir} ({model.config.model_type}): the checkpoint has no tensor named {shown}",
                          hint="kiln reads each tensor under its module's name as stored in the file; a family whose "
                               "tensors transformers renames while loading (gpt_neox: embed_out → lm_head) or an "
                               "incomplete checkpoint cannot be compressed (README: Architectures)")
+    wrong = [(found[n], tuple(t.shape), shapes[found[n]]) for n, t in tensors if tuple(t.shape) != shapes[found[n]]]
+    if wrong:
+        shown = "; ".join(f"{k}: config.json gives {list(want)}, the weights hold {list(got)}"
+                          for k, want, got in wrong[:4]) + (f"; and {len(wrong) - 4} more" if len(wrong) > 4 else "")
+        raise InputError(f"model {model_dir}: config.json and the weights disagree on tensor shapes: {shown}",
+                         hint="use the config.json that was saved with these weights (or re-save the checkpoint)")
 
 
 def release(model: nn.Module, prefix: str) -> None:

@@ -18,6 +18,8 @@ def cache_dir() -> Path:
     root = Path(setting).expanduser() if setting else Path.home() / ".cache" / "kiln"
     where = f"KILN_CACHE={setting}" if setting else f"kiln's cache folder {root}"
     hint = "set KILN_CACHE to a folder you can write (it holds converted models and file digests)"
+    if root.exists() and not root.is_dir():
+        raise InputError(f"{where}: {root} is a file, not a folder", hint=hint)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -67,10 +69,19 @@ def cached_sha256(path: Path) -> str:
     table = _read_memo(memo)
     if key not in table:
         table[key] = sha256_file(path)
-        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        _write_memo(memo, table)
+    return table[key]
+
+
+def _write_memo(memo: Path, table: dict[str, str]) -> None:
+    """Replace the memo atomically; when that cannot be done (say digests.json is a folder) the digest
+    is just not remembered, and no temporary file is left behind."""
+    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+    try:
         tmp.write_text(json.dumps(table))
         os.replace(tmp, memo)
-    return table[key]
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def _read_memo(memo: Path) -> dict[str, str]:

@@ -234,8 +234,19 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def _duplicate_keys(node: yaml.Node | None, origin: str, path: str = "") -> None:
-    """YAML lets a later key silently replace an earlier one; a recipe must not (two `model:` entries)."""
+def _duplicate_keys(node: yaml.Node | None, origin: str, path: str = "",
+                    seen: set[int] | None = None, inside: frozenset[int] = frozenset()) -> None:
+    """YAML lets a later key silently replace an earlier one; a recipe must not (two `model:` entries).
+    A node reached again through an alias is checked once (`seen`); one reached from inside itself
+    (`x: &a [1, *a]`) is a structure without end, which no recipe field can hold."""
+    seen = set() if seen is None else seen
+    if id(node) in inside:
+        raise RecipeError(f"{origin}:{node.start_mark.line + 1}: {path or '(top level)'}: an alias refers to a node "
+                          "that contains it, making a structure without end", hint="remove that alias")
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    inside = inside | {id(node)}
     if isinstance(node, yaml.MappingNode):
         first: dict[Any, int] = {}
         for k, v in node.value:
@@ -246,10 +257,10 @@ def _duplicate_keys(node: yaml.Node | None, origin: str, path: str = "") -> None
                                   "YAML would silently keep only the last", hint="delete or merge one of them")
             if isinstance(k, yaml.ScalarNode):
                 first[k.value] = line
-                _duplicate_keys(v, origin, f"{path}.{k.value}" if path else k.value)
+                _duplicate_keys(v, origin, f"{path}.{k.value}" if path else k.value, seen, inside)
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
-            _duplicate_keys(v, origin, f"{path}[{i}]")
+            _duplicate_keys(v, origin, f"{path}[{i}]", seen, inside)
 
 
 def _show_input(err: dict, msg: str) -> bool:
@@ -290,6 +301,9 @@ def parse_recipe(text: str, origin: str = "<recipe>") -> Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not a recipe file", hint="pass the path to a .yaml recipe inside it, "
+                         "e.g. recipes/quickstart.yaml")
     if not path.is_file():
         raise InputError(f"recipe file not found: {path}", hint="pass the path to a .yaml recipe, e.g. recipes/quickstart.yaml")
     data = path.read_bytes()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -54,6 +55,11 @@ def _convert_to_safetensors(load_dir: str, gguf_file: str | None, target: Path, 
         model = AutoModelForCausalLM.from_pretrained(load_dir, dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"could not load model {load_dir}{'/' + gguf_file if gguf_file else ''}: {exc}") from None
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+        # torch.load's own message talks of weights_only, which is no help for a damaged file
+        raise InputError(f"could not load model {load_dir}{'/' + gguf_file if gguf_file else ''}: a weight file is "
+                         f"corrupt, truncated or not a PyTorch checkpoint ({type(exc).__name__})",
+                         hint="re-download or re-save the checkpoint (as safetensors if you can)") from None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
