@@ -329,11 +329,47 @@ def test_parity_failure_is_an_error_and_writes_no_artifact(tiny_models, tmp_path
     d = tiny_models("qwen2")
     r = gptq_recipe(d)
     r.update(compress=[], evaluate=None, data={"evaluation": r["data"]["evaluation"]},
-             compile={"targets": [{"target": "cpu"}], "parity": {"max_abs_logit": 1e-12, "windows": 1}})
+             compile={"targets": [{"target": "cpu"}], "parity": {"max_abs_logit": 1e-12, "windows": 1, "float64_floor": False}})
     code, _, err = run_cli("run", str(write_recipe(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "run"), "-q")
     assert code == 8, err
     assert "max |Δ logit|" in err and "no artifact was written" in err
     assert not (tmp_path / "run" / "artifact").exists()
+
+
+def test_float64_floor_accepts_float32_rounding_and_still_catches_a_wrong_graph(tiny_models):
+    """Past max_abs_logit, a float32 graph is measured against float64 logits: one about as far from them
+    as PyTorch's float32 passes, one that is off by 1e-3 everywhere (an export bug's size) does not."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kiln.compile import check_parity
+    from kiln.compile.targets import ParityConfig
+    from kiln.context import RunContext
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models("llama"), dtype=torch.float32).eval()
+
+    class Torch32:  # PyTorch's float32 result itself, standing in for a graph
+        def __init__(self, offset=0.0):
+            self.offset = offset
+
+        def logits(self, x):
+            with torch.no_grad():
+                return model(input_ids=torch.from_numpy(x), use_cache=False).logits.numpy() + self.offset
+
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    decoders = {"same": Torch32(), "off": Torch32(1e-3)}
+    strict = ParityConfig(max_abs_logit=1e-12)
+    r = check_parity(model, decoders, ids, 1, {"same": strict, "off": strict}, {"same": True, "off": True},
+                     RunContext(show_progress=False))
+    same, off = r["same"], r["off"]
+    assert same["max_abs_logit"] == 0.0 and same["passed"] and "float64" not in same  # never over the limit
+    assert not off["passed"] and off["float64"]["windows"] == [0, 1]
+    assert off["float64"]["graph_max_abs"] > 4 * off["float64"]["torch_float32_max_abs"]
+    assert np.isclose(off["max_abs_logit"], 1e-3, rtol=1e-3) and "from float64" in off["failures"][0]
+    r = check_parity(model, {"same": Torch32(1e-9)}, ids, 1, {"same": strict}, {"same": True}, RunContext(show_progress=False))
+    f64 = r["same"]["float64"]
+    assert r["same"]["passed"] == (f64["graph_max_abs"] <= 4 * f64["torch_float32_max_abs"]) and f64["torch_float32_max_abs"] > 0
 
 
 @pytest.mark.parametrize("change,needle", [

@@ -276,8 +276,14 @@ def test_a_signal_unwinds_the_run_and_reports_json(signum, code, tmp_path, capsy
         time.sleep(10)  # interrupted long before
 
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(typer.Exit) as exit_info:
-        _guard(lambda: _atomic_dir(tmp_path / "artifact", build), as_json=True)
+    # a shell starts background jobs with SIGINT ignored, and Python (like kiln) keeps it so; the
+    # test is about the unwinding, so it gives this process the interactive Ctrl-C handler
+    interactive = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(typer.Exit) as exit_info:
+            _guard(lambda: _atomic_dir(tmp_path / "artifact", build), as_json=True)
+    finally:
+        signal.signal(signal.SIGINT, interactive)
     assert exit_info.value.exit_code == code
     error = json.loads(capsys.readouterr().out)["error"]
     assert error == {"kind": "interrupted", "exit_code": code, "message": error["message"]}

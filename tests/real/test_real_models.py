@@ -25,7 +25,11 @@ def check_compiled(out_dir, float_exact: bool = False) -> dict:
     p = m["compile"]["targets"]["cpu"]["parity"]
     assert p["passed"], p
     if float_exact:
-        assert p["max_abs_logit"] <= 1e-3, p
+        # the bar; where float32 rounding alone goes past it (Gemma-3 at one position on an
+        # AVX-512 Xeon: PyTorch 1.1e-3, the graph 2.1e-3 from float64 logits), the graph is held to 4×
+        # PyTorch's own distance from float64
+        f64 = p.get("float64")
+        assert p["max_abs_logit"] <= 1e-3 or f64["graph_max_abs"] <= 4 * f64["torch_float32_max_abs"], p
     elif "noise_floor" in p:
         # W8A8: PyTorch itself moves ~6% of argmaxes under 1e-6 input noise (int8 rounding of
         # activations); the graph must be as close to PyTorch as PyTorch is to itself

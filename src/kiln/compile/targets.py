@@ -83,6 +83,10 @@ class ParityConfig(_Frozen):
     min_top1: float = Field(0.995, ge=0, le=1, description="argmax agreement with PyTorch over every position")
     max_ppl_rel: float = Field(0.005, ge=0, description="|ppl_onnx / ppl_torch − 1|")
     max_abs_logit: float = Field(1e-3, gt=0, description="max |Δ logit|, checked for float32 graphs of unquantized models")
+    float64_floor: bool = Field(
+        True, description="where a float32 graph exceeds max_abs_logit, run those windows through a float64 copy "
+        "of the PyTorch model and accept the graph if it is within 4× PyTorch's own float32 distance from it"
+    )
     generate_tokens: int = Field(8, ge=1, description="greedy tokens generated through the KV cache as a smoke check")
 
 
