@@ -114,27 +114,24 @@ NOISE = 1e-6  # relative perturbation of the input embeddings for the PyTorch no
 FLOAT64_FLOOR = 4.0
 
 
-def float64_distances(torch_model, decoders: dict, names: list[str], windows, ctx) -> dict:
-    """max |logit − float64 logit| of PyTorch's float32 model and of each named graph over `windows`
-    (input-id rows), the float64 logits from a float64 copy of the model. Float32 rounding alone puts
-    both some way from the exact result; on a model with large activations (Gemma-3's residual
-    stream) at some positions by more than 1e-3."""
-    import copy
+class Float64Logits:
+    """The PyTorch model's logits in float64, one window at a time, from a float64 copy of the model
+    made on first use (only a window where a float32 graph went past its limit needs it). Float32
+    rounding alone puts both PyTorch and the graph some way from these; on a model with large
+    activations (Gemma-3's residual stream) at some positions by more than 1e-3."""
 
-    import torch
+    def __init__(self, torch_model):
+        self.model, self.model64, self.window, self.logits = torch_model, None, None, None
 
-    model64 = copy.deepcopy(torch_model).double()
-    out = {"torch": 0.0} | {n: 0.0 for n in names}
-    with torch.no_grad(), ctx.progress("parity float64", len(windows)) as advance:
-        for x in windows:
-            exact = model64(input_ids=x, use_cache=False).logits.numpy()
-            ref = torch_model(input_ids=x, use_cache=False).logits.double().numpy()
-            out["torch"] = max(out["torch"], float(np.abs(ref - exact).max()))
-            for n in names:
-                out[n] = max(out[n], float(np.abs(decoders[n].logits(x.numpy()).astype(np.float64) - exact).max()))
-            advance(1)
-    del model64
-    return out
+    def __call__(self, w: int, x) -> np.ndarray:
+        if self.window != w:
+            import copy
+
+            if self.model64 is None:
+                self.model64 = copy.deepcopy(self.model).double()
+            self.logits = self.model64(input_ids=x, use_cache=False).logits.numpy()
+            self.window = w
+        return self.logits
 
 
 def check_parity(torch_model, decoders: dict, ids, prefix_len: int, limits: dict, float_exact: dict[str, bool], ctx,
@@ -148,13 +145,14 @@ def check_parity(torch_model, decoders: dict, ids, prefix_len: int, limits: dict
     graph is held to that noise floor (top-1 limit = min(limit, floor − 0.02); perplexity limit =
     max(limit, 2 × the floor's perplexity change)), all of it recorded.
 
-    Float32 targets of unquantized models are also held to `max_abs_logit`; where one exceeds it and
-    `float64_floor` is on, the windows it exceeded on are run in float64 (float64_distances) and the
-    graph passes that check if it is within FLOAT64_FLOOR × PyTorch float32's own distance from them."""
+    Float32 targets of unquantized models are also held to `max_abs_logit`; where one exceeds it on a
+    window and `float64_floor` is on, that window is run in float64 (Float64Logits) and the graph
+    passes that check if it is within FLOAT64_FLOOR × PyTorch float32's own distance from them."""
     import torch
 
     first = max(1, prefix_len)
-    over: dict[str, list[int]] = {n: [] for n in decoders}  # windows where a float-exact graph exceeded its limit
+    exact = Float64Logits(torch_model)
+    f64: dict[str, dict] = {}  # float-exact targets that went past max_abs_logit: distances from float64
     acc = {n: {"max_abs_logit": 0.0, "agree": 0, "positions": 0, "nll": 0.0, "nll_torch": 0.0, "tokens": 0} for n in decoders}
     floor = {"agree": 0, "positions": 0, "nll": 0.0}
     gen = torch.Generator().manual_seed(0)
@@ -176,8 +174,12 @@ def check_parity(torch_model, decoders: dict, ids, prefix_len: int, limits: dict
                 a = acc[name]
                 diff = float(np.abs(out - ref).max())
                 a["max_abs_logit"] = max(a["max_abs_logit"], diff)
-                if float_exact[name] and diff > limits[name].max_abs_logit:
-                    over[name].append(w)
+                if float_exact[name] and limits[name].float64_floor and diff > limits[name].max_abs_logit:
+                    e = exact(w, x)
+                    d = f64.setdefault(name, {"windows": [], "graph_max_abs": 0.0, "torch_float32_max_abs": 0.0})
+                    d["windows"].append(w)
+                    d["graph_max_abs"] = max(d["graph_max_abs"], float(np.abs(out.astype(np.float64) - e).max()))
+                    d["torch_float32_max_abs"] = max(d["torch_float32_max_abs"], float(np.abs(ref.astype(np.float64) - e).max()))
                 a["agree"] += int((out.argmax(-1) == ref.argmax(-1)).sum())
                 a["positions"] += int(ref.shape[1])
                 nll, _ = window_nll(out, x_np, first)
@@ -185,9 +187,7 @@ def check_parity(torch_model, decoders: dict, ids, prefix_len: int, limits: dict
                 a["nll_torch"] += ref_nll
                 a["tokens"] += n_tok
             advance(1)
-    recheck = [n for n in decoders if over[n] and limits[n].float64_floor]
-    windows = sorted({w for n in recheck for w in over[n]})
-    f64 = float64_distances(torch_model, decoders, recheck, [ids[w : w + 1] for w in windows], ctx) if recheck else {}
+    del exact
     result = {}
     for name, a in acc.items():
         cfg = limits[name]
@@ -211,14 +211,15 @@ def check_parity(torch_model, decoders: dict, ids, prefix_len: int, limits: dict
                             f"limit ±{100 * max_rel:.2f}%)")
         if float_exact[name]:
             r["max_abs_logit_limit"] = cfg.max_abs_logit
-            if name in recheck:
-                r["float64"] = {"windows": [w for w in windows if w in over[name]], "graph_max_abs": f64[name],
-                                "torch_float32_max_abs": f64["torch"], "limit": FLOAT64_FLOOR * f64["torch"],
-                                "why": f"max |Δ logit| over {cfg.max_abs_logit:g}: both float32 results measured "
-                                       "against a float64 run of the PyTorch model"}
-                if f64[name] > FLOAT64_FLOOR * f64["torch"]:
-                    failures.append(f"max |Δ logit| {r['max_abs_logit']:.2e} > {cfg.max_abs_logit:g}, and {f64[name]:.2e} "
-                                    f"from float64, over {FLOAT64_FLOOR:g} × PyTorch float32's {f64['torch']:.2e}")
+            if name in f64:
+                d = f64[name]
+                d |= {"limit": FLOAT64_FLOOR * d["torch_float32_max_abs"],
+                      "why": f"max |Δ logit| over {cfg.max_abs_logit:g}: both float32 results measured against a "
+                             "float64 run of the PyTorch model"}
+                r["float64"] = d
+                if d["graph_max_abs"] > d["limit"]:
+                    failures.append(f"max |Δ logit| {r['max_abs_logit']:.2e} > {cfg.max_abs_logit:g}, and {d['graph_max_abs']:.2e} "
+                                    f"from float64, over {FLOAT64_FLOOR:g} × PyTorch float32's {d['torch_float32_max_abs']:.2e}")
             elif r["max_abs_logit"] > cfg.max_abs_logit:
                 failures.append(f"max |Δ logit| {r['max_abs_logit']:.2e} > {cfg.max_abs_logit:g}")
         r["limits"] = {"min_top1": min_top1, "max_ppl_rel": max_rel}
