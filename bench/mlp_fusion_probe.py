@@ -25,13 +25,16 @@ import numpy as np
 
 
 def quantize(rng, N: int, K: int, bs: int):
+    """Random 4-bit codes with zero points, packed by kiln's own exporter (kiln.compile.weights):
+    (B (N, K/bs, bs/2), scales (N, K/bs), packed zero points (N, K/bs/2), the float weight)."""
+    from kiln.compile.weights import to_matmul_nbits
+
     codes = rng.integers(0, 16, (N, K)).astype(np.uint8)
     zp = rng.integers(6, 10, (N, K // bs)).astype(np.uint8)
     scales = (rng.random((N, K // bs)) * 0.01 + 0.005).astype(np.float32)
-    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(N, K // bs, bs // 2)
-    zpk = zp[:, 0::2] | (zp[:, 1::2] << 4)
+    nb = to_matmul_nbits(codes, scales, zp, 4, bs, symmetric=False, module="probe")
     W = (codes.astype(np.float32) - np.repeat(zp, bs, 1)) * np.repeat(scales, bs, 1)
-    return packed, scales, zpk, W
+    return nb.B, nb.scales.reshape(N, -1), nb.zero_points.reshape(N, -1), W
 
 
 def interleave(a: np.ndarray, inter: int) -> np.ndarray:
