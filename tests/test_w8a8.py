@@ -57,6 +57,18 @@ def test_int8_matmul_is_exact_at_the_extremes():
     assert torch.equal(out.long(), x.long() @ w.long().T)
 
 
+def test_int8_matmul_stays_exact_under_a_bfloat16_calibration_forward():
+    """The engine's `compute_dtype: bfloat16` runs layers under CPU autocast, which would turn the
+    exact float32 chunk products into bfloat16 ones; int8_matmul opts out of it."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-127, 128, (33, 1500), dtype=torch.int8, generator=g)
+    w = torch.randint(-128, 128, (24, 1500), dtype=torch.int8, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (x[:, :64].float() @ w[:, :64].float().T).dtype == torch.bfloat16  # what autocast would do
+        out = int8_matmul(x, w)
+    assert torch.equal(out.long(), x.long() @ w.long().T)
+
+
 def test_int8_matmul_rejects_other_dtypes():
     with pytest.raises(TypeError):
         int8_matmul(torch.zeros(2, 4), torch.zeros(3, 4, dtype=torch.int8))

@@ -453,7 +453,8 @@ def _run_stage(plan: Plan, sp: StagePlan, store, calib, run_dir: Path, ctx: RunC
                 out = run_distill(plan, store, sp.config, sp.targets, calib, tmp, ctx, sparse)
             else:
                 cal = plan.recipe.data.calibration  # None: no stage needs calibration passes
-                passes = {} if cal is None else {"batch_size": cal.batch_size, "low_memory": cal.low_memory}
+                passes = {} if cal is None else {"batch_size": cal.batch_size, "low_memory": cal.low_memory,
+                                                  "compute_dtype": cal.compute_dtype}
                 out = run_layerwise(plan.model.path, store, sp.config, sp.targets, calib, tmp, ctx,
                                     trust_remote_code=plan.recipe.model.trust_remote_code, sparse=sparse, **passes)
         result = {"index": sp.index, "kind": sp.config.kind, "key": sp.key,
@@ -573,7 +574,15 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
         calib = win.ids
         calib_info = {"source": c.source, "field": c.field, "source_digest": calib_docs.digest,
                       "documents_used": win.documents_used, "samples": c.samples, "seq_len": c.seq_len,
-                      "seed": c.seed, "batch_size": c.batch_size, "low_memory": c.low_memory, "tokens": win.tokens, "token_digest": win.digest}
+                      "seed": c.seed, "batch_size": c.batch_size, "low_memory": c.low_memory, "compute_dtype": c.compute_dtype,
+                      "tokens": win.tokens, "token_digest": win.digest}
+        if c.compute_dtype == "bfloat16":
+            from kiln.compress.engine import native_bf16
+
+            calib_info["native_bf16"] = native_bf16()
+            if not calib_info["native_bf16"]:
+                ctx.log("[yellow]warning[/yellow]: data.calibration.compute_dtype: bfloat16 on a CPU without AMX or "
+                        "AVX512-BF16: its bfloat16 GEMMs are emulated and slower than float32; set it to float32 here")
     eval_sets, eval_info = {}, {}
     for i, e in enumerate(recipe.data.evaluation):
         docs = load_documents(e.source, e.field, f"data.evaluation[{i}].source")
@@ -592,7 +601,8 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
     stage_stores = []
     for sp in plan.stages:
         sp.key = _key(prev, sp.config.model_dump(mode="json"), sp.targets,
-                      [calib_info["token_digest"], calib_info["batch_size"]] if sp.config.needs_calibration else None)
+                      [calib_info["token_digest"], calib_info["batch_size"]] if sp.config.needs_calibration else None,
+                      *([calib_info["compute_dtype"]] if sp.config.needs_calibration and calib_info["compute_dtype"] != "float32" else []))
         prev = sp.key
         res = _run_stage(plan, sp, store, calib, out_dir, ctx)
         stage_results.append(res)

@@ -45,12 +45,13 @@ class LayerInputs:
     hidden: list[torch.Tensor]  # one (B, L, d) tensor per calibration batch
     extras: list[list[tuple[tuple, dict]]]  # [layer][batch] → (args after hidden, kwargs)
     spill: Spill | None = None  # where `hidden` (and the saved inputs) live when not in memory
+    compute: torch.dtype | None = None  # bfloat16: the layers' forward runs under CPU autocast (see compute_autocast)
 
     def first_batch(self, i: int) -> LayerInputs:
         """Layer i's inputs for the first calibration batch alone (for probing the layer)."""
         extras: list[list] = [[] for _ in self.extras]
         extras[i] = self.extras[i][:1]
-        return LayerInputs(self.hidden[:1], extras, self.spill)
+        return dataclasses.replace(self, hidden=self.hidden[:1], extras=extras)
 
     def page_out(self) -> None:
         """Done with a batch: with a spill, its pages leave the process (see kiln.compress.spill)."""
@@ -195,6 +196,21 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.T
     return LayerInputs(hidden, extras, spill)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX tiles or AVX512-BF16), where oneDNN's
+    bfloat16 GEMMs run several times faster than float32 ones; elsewhere they are emulated, slower."""
+    cpu = getattr(torch, "cpu", None)
+    return any(bool(getattr(cpu, f, lambda: False)()) for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def compute_autocast(dtype: torch.dtype | None):
+    """The calibration forward's precision: float32 (None), or CPU autocast to `dtype`, where
+    linears, matmuls and attention run in bfloat16 (AMX/AVX512-BF16 GEMMs, ~8× float32's rate on
+    such CPUs) while norms, softmax statistics and the residual stream stay float32. Hessians, the
+    methods' own arithmetic and the int8 products of W8A8 linears run outside it, in float32."""
+    return torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def _run_layer(layer: nn.Module, inputs: LayerInputs, i: int, before_batch=None, stop_at: nn.Module | None = None,
                in_place: bool = False) -> list[torch.Tensor]:
     """The layer's outputs for every calibration batch; with `stop_at`, each batch's forward ends
@@ -213,7 +229,8 @@ def _run_layer(layer: nn.Module, inputs: LayerInputs, i: int, before_batch=None,
                 if before_batch is not None:
                     before_batch(b)
                 try:
-                    y = layer(h, *args, **kwargs)
+                    with compute_autocast(inputs.compute):
+                        y = layer(h, *args, **kwargs)
                 except _Stop:
                     inputs.page_out()
                     continue
@@ -327,7 +344,7 @@ def _find_fold(layer: nn.Module, model: nn.Module, tails: dict[str, _Tail], inpu
         h1 = _run_layer(layer, one, i)
         zeros.unpatch(t2)
         zeros.zero(t1)
-        y2 = _run_layer(layer, LayerInputs(h1, one.extras), i)
+        y2 = _run_layer(layer, dataclasses.replace(one, hidden=h1), i)
     except (RuntimeError, TypeError, ValueError, IndexError, AttributeError):
         return None  # the layer does not take zeros there
     finally:
@@ -499,7 +516,8 @@ def _group_inputs(layer: nn.Module, module: nn.Module, inputs: LayerInputs, i: i
 
 def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str], calib: torch.Tensor | None,
                   out_dir: Path, ctx: RunContext, batch_size: int = 4, trust_remote_code: bool = False,
-                  sparse: frozenset[str] = frozenset(), low_memory: bool = False) -> StageOutput:
+                  sparse: frozenset[str] = frozenset(), low_memory: bool = False,
+                  compute_dtype: str = "float32") -> StageOutput:
     """Apply `stage` to the `targets` linears, one decoder layer at a time.
 
     "weights" stages get (W, H, name, keep) per linear; "smoothing" stages get each norm→linear group
@@ -522,6 +540,7 @@ def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str]
                 materialize(model, name, store, aliases, recurse=False)
         check_finite(model.get_input_embeddings(), "embeddings")
         inputs = capture_layer_inputs(model, layers, calib, batch_size, spill)
+        inputs.compute = None if compute_dtype == "float32" else getattr(torch, compute_dtype)
         emb = model.get_input_embeddings()
         release(model, module_name(model, emb))  # not needed again: free it
 

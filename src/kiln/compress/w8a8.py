@@ -58,10 +58,11 @@ def int8_matmul(x_int8: torch.Tensor, w_int8: torch.Tensor) -> torch.Tensor:
         except (RuntimeError, NotImplementedError):
             pass  # a build without the kernel for this shape: the exact float32 path below
     out = None
-    for k in range(0, x_int8.shape[1], EXACT_FP32_CHUNK):
-        xs, ws = x_int8[:, k : k + EXACT_FP32_CHUNK].float(), w_int8[:, k : k + EXACT_FP32_CHUNK].float()
-        part = (xs @ ws.t()).to(torch.int32)
-        out = part if out is None else out.add_(part)
+    with torch.autocast("cpu", enabled=False):  # a bfloat16 calibration forward must not round these sums
+        for k in range(0, x_int8.shape[1], EXACT_FP32_CHUNK):
+            xs, ws = x_int8[:, k : k + EXACT_FP32_CHUNK].float(), w_int8[:, k : k + EXACT_FP32_CHUNK].float()
+            part = (xs @ ws.t()).to(torch.int32)
+            out = part if out is None else out.add_(part)
     return out
 
 
