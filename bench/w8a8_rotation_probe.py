@@ -15,6 +15,12 @@ smoothing and no GPTQ, so that only the variants differ:
                      per-token quantization (QuaRot/SpinQuant's online R4 on down_proj)
   down_rot_hadamard  the same with R = Q ⊗ H (H a Walsh–Hadamard block of the largest power of two
                      dividing the width, Q a random orthogonal matrix for the rest): cheap to apply
+  down_keepK         down_proj's K input channels of largest max |x| on calibration text (the recipe's
+                     calibration source, --calib-samples × --seq-len tokens) stay float and leave the
+                     per-token scale; the rest is int8 (QUIK/LLM.int8()'s outlier split, with the
+                     channels fixed at calibration); all weights stay int8
+  down_clipC         down_proj's per-token scale is C·max|x|/127 (C < 1), the values past it clamped:
+                     finer steps for the bulk of each token at the price of its largest entries
 
 Perplexity is kiln.evaluate.perplexity on the recipe's first evaluation set.
 """
@@ -39,7 +45,8 @@ def per_channel_int8(W: torch.Tensor) -> torch.Tensor:
 
 
 class ProbeLinear(nn.Module):
-    def __init__(self, lin: nn.Linear, quantize_inputs: bool, R: torch.Tensor | None):
+    def __init__(self, lin: nn.Linear, quantize_inputs: bool, R: torch.Tensor | None, keep: torch.Tensor | None = None,
+                 clip: float = 1.0):
         from kiln.compress.w8a8 import quantize_per_token
 
         super().__init__()
@@ -49,13 +56,25 @@ class ProbeLinear(nn.Module):
         self.W = per_channel_int8(W if R is None else W @ R)
         self.bias = lin.bias
         self.quantize_inputs = quantize_inputs
+        self.keep = keep  # input channels left in float
+        self.clip = clip
 
     def forward(self, x):
         if self.R is not None:
             x = x @ self.R
         if self.quantize_inputs:
-            q, s = self.quantize_per_token(x)
-            x = q.float() * s
+            outliers = None
+            if self.keep is not None:
+                outliers = x[..., self.keep]
+                x = x.index_fill(-1, self.keep, 0.0)
+            if self.clip < 1.0:
+                s = (x.abs().amax(-1, keepdim=True) * self.clip / 127).clamp_min(1e-12)
+                x = (x / s).round().clamp(-127, 127) * s
+            else:
+                q, s = self.quantize_per_token(x)
+                x = q.float() * s
+            if outliers is not None:
+                x = x.index_copy(-1, self.keep, outliers)
         y = x @ self.W.T
         return y if self.bias is None else y + self.bias
 
@@ -79,7 +98,29 @@ def rotation(n: int, kind: str) -> torch.Tensor:
     return torch.kron(random_orthogonal(n // k), walsh_hadamard(k))
 
 
-def evaluate(model_path: Path, variant: str, ids, prefix_len: int) -> float:
+def down_input_absmax(model_path: Path, calib) -> dict[str, torch.Tensor]:
+    """max |x| per input channel of every down_proj, over the float model's calibration forward."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    amax: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(m, a):
+            x = a[0].detach().reshape(-1, a[0].shape[-1]).abs().amax(0)
+            amax[name] = x if name not in amax else torch.maximum(amax[name], x)
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if n.endswith("down_proj")]
+    with torch.no_grad():
+        for b in range(0, len(calib), 4):
+            model(input_ids=calib[b : b + 4], use_cache=False)
+    for h in handles:
+        h.remove()
+    return amax
+
+
+def evaluate(model_path: Path, variant: str, ids, prefix_len: int, amax: dict | None = None) -> float:
     from transformers import AutoModelForCausalLM
 
     from kiln.context import RunContext
@@ -88,12 +129,15 @@ def evaluate(model_path: Path, variant: str, ids, prefix_len: int) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     if variant != "fp32":
         head = model.get_output_embeddings()
-        for parent in list(model.modules()):
+        k = int(variant.removeprefix("down_keep")) if variant.startswith("down_keep") else 0
+        for pname, parent in list(model.named_modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear) and child is not head:
                     down = name == "down_proj"
                     R = rotation(child.in_features, variant.rsplit("_", 1)[-1]) if down and "rot" in variant else None
-                    setattr(parent, name, ProbeLinear(child, not (down and variant == "down_a16"), R))
+                    keep = amax[f"{pname}.{name}"].topk(k).indices.sort().values if down and k else None
+                    clip = float(variant.removeprefix("down_clip")) if down and variant.startswith("down_clip") else 1.0
+                    setattr(parent, name, ProbeLinear(child, not (down and variant == "down_a16"), R, keep, clip))
     return perplexity(model, ids, prefix_len, RunContext(show_progress=False), label=variant)["perplexity"]
 
 
@@ -103,11 +147,12 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--variants", default="fp32,plain,down_a16,down_rot_random,down_rot_hadamard")
+    ap.add_argument("--calib-samples", type=int, default=8, help="calibration windows for down_keepK's channel choice")
     args = ap.parse_args()
 
     from transformers import AutoTokenizer
 
-    from kiln.data import evaluation_windows, load_documents
+    from kiln.data import calibration_windows, evaluation_windows, load_documents
     from kiln.recipe import load_recipe
     from kiln.source import resolve_model
 
@@ -117,10 +162,19 @@ def main() -> None:
     win = evaluation_windows(load_documents(ev.source, ev.field), AutoTokenizer.from_pretrained(model.path),
                              args.windows, args.seq_len, set())
     print(f"model {model.origin}; {ev.name}: {args.windows} x {args.seq_len} tokens, ids sha256 {win.digest[:16]}")
+    amax = None
+    if any(v.startswith("down_keep") for v in args.variants.split(",")):
+        cal = recipe.data.calibration
+        docs = load_documents(cal.source, cal.field)
+        if ev.source == cal.source:  # the probe does not exclude calibration documents from its windows
+            raise SystemExit("down_keepK: the recipe's calibration and evaluation sources must differ")
+        cw = calibration_windows(docs, AutoTokenizer.from_pretrained(model.path), args.calib_samples, args.seq_len, cal.seed)
+        print(f"calibration {cal.source}: {args.calib_samples} x {args.seq_len} tokens, ids sha256 {cw.digest[:16]}")
+        amax = down_input_absmax(model.path, cw.ids)
     base = None
     for v in args.variants.split(","):
         t0 = time.perf_counter()
-        ppl = evaluate(model.path, v, win.ids, win.prefix_len)
+        ppl = evaluate(model.path, v, win.ids, win.prefix_len, amax)
         base = ppl if v == "fp32" else base
         rel = f" ({(ppl / base - 1) * 100:+.2f}% vs fp32)" if base and v != "fp32" else ""
         print(f"{v:20s} {ppl:8.3f}{rel}  {time.perf_counter() - t0:.0f} s", flush=True)
