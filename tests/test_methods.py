@@ -126,20 +126,27 @@ def test_smoothquant_keeps_the_float_model(tiny_models, tmp_path, arch, linear_f
 
 
 def test_distillation_loss_goes_down_and_masks_stay(tiny_models, tmp_path):
+    """In float32 and in bfloat16 mixed precision (`compute_dtype: bfloat16`, whose loss curve is
+    not float32's: autocast is on)."""
     from kiln.artifact import load_model
 
     stages = [{"kind": "sparsegpt", "sparsity": 0.5, "block_size": 16},
               {"kind": "distill", "teacher": "original", "steps": 30, "batch_size": 4, "lr": 3e-3}]
     r = method_recipe(tiny_models("llama"), stages, "llama", samples=16)
     r["evaluate"]["after_each_stage"] = True
-    out = run_json("run", str(write_recipe(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "run"), "--quiet")
-    curve = out["stages"][1]["result"]["loss_curve"]
-    assert sum(curve[-5:]) < sum(curve[:5]), curve
-    pruned = out["metrics"]["after_stage_0"]["perplexity"]["wiki"]
-    assert out["metrics"]["compressed"]["perplexity"]["wiki"] < pruned
-    model = load_model(tmp_path / "run" / "artifact")
-    W = _linear_weights(model, out["stages"][0]["modules"])
-    assert sum(int((w == 0).sum()) for w in W.values()) >= 0.5 * sum(w.numel() for w in W.values())
+    curves = {}
+    for compute in ("float32", "bfloat16"):
+        r["data"]["calibration"]["compute_dtype"] = compute
+        run = tmp_path / compute
+        out = run_json("run", str(write_recipe(tmp_path / f"{compute}.yaml", r)), "--out", str(run), "--quiet")
+        curve = curves[compute] = out["stages"][1]["result"]["loss_curve"]
+        assert sum(curve[-5:]) < sum(curve[:5]), (compute, curve)
+        pruned = out["metrics"]["after_stage_0"]["perplexity"]["wiki"]
+        assert out["metrics"]["compressed"]["perplexity"]["wiki"] < pruned
+        model = load_model(run / "artifact")
+        W = _linear_weights(model, out["stages"][0]["modules"])
+        assert sum(int((w == 0).sum()) for w in W.values()) >= 0.5 * sum(w.numel() for w in W.values())
+    assert curves["float32"] != curves["bfloat16"]
 
 
 def test_mixed_precision_overrides_resolve_to_module_names(tiny_models, tmp_path):

@@ -447,12 +447,12 @@ def _run_stage(plan: Plan, sp: StagePlan, store, calib, run_dir: Path, ctx: RunC
     def build(tmp: Path) -> None:
         with ctx.meter(f"{label}[{sp.index}]") as m:
             sparse = frozenset(t for t, k in plan.sparse.items() if k < sp.index)
-            if sp.config.role == "training":
+            cal = plan.recipe.data.calibration  # None: no stage needs calibration text
+            if sp.config.role == "training":  # distill needs calibration text: the plan checked it
                 from kiln.compress.distill import run_distill
 
-                out = run_distill(plan, store, sp.config, sp.targets, calib, tmp, ctx, sparse)
+                out = run_distill(plan, store, sp.config, sp.targets, calib, tmp, ctx, sparse, compute_dtype=cal.compute_dtype)
             else:
-                cal = plan.recipe.data.calibration  # None: no stage needs calibration passes
                 passes = {} if cal is None else {"batch_size": cal.batch_size, "low_memory": cal.low_memory,
                                                   "compute_dtype": cal.compute_dtype}
                 out = run_layerwise(plan.model.path, store, sp.config, sp.targets, calib, tmp, ctx,

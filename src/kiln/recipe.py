@@ -73,11 +73,12 @@ class CalibrationConfig(_TextSource):
                              "give freed memory back to the OS after every pass and rewrite: the same results with "
                              "less memory")
     compute_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="precision of the layer-wise calibration forward: bfloat16 runs its linears, "
-        "matmuls and attention under CPU autocast (AMX/AVX512-BF16 GEMMs, several times faster on CPUs that have "
-        "them, far slower on those that do not); Hessians, the methods' arithmetic and the stored weights stay "
-        "float32. Its activations are rounded to 8 mantissa bits, which moves the results a little: on SmolLM2 "
-        "GPTQ W4A16 perplexity rose 0.9%")
+        "float32", description="precision of what runs the model on calibration text (the layer-wise passes, "
+        "distillation's training steps): bfloat16 runs linears, matmuls and attention under CPU autocast "
+        "(AMX/AVX512-BF16 GEMMs, several times faster on CPUs that have them, far slower on those that do not); "
+        "Hessians, the methods' arithmetic, trained parameters and the stored weights stay float32. Its "
+        "activations are rounded to 8 mantissa bits, which moves the results a little: on SmolLM2 GPTQ W4A16 "
+        "perplexity rose 0.9%")
 
 
 class EvalTextConfig(_TextSource):

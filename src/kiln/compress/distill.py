@@ -8,7 +8,9 @@ What is trained, and why:
 - pruned linears train their kept weights; the pruned ones get no gradient and stay exactly zero;
 - every norm weight trains; embeddings, the LM head and untouched linears are frozen.
 Loss: KL(teacher ‖ student) on logits at temperature T (× T²), plus optionally the mean squared
-error between the last hidden states.
+error between the last hidden states. With `data.calibration.compute_dtype: bfloat16` both models'
+forward (and the student's backward) run under CPU autocast, mixed-precision training: the trained
+parameters, AdamW's moments and the loss stay float32.
 """
 
 from __future__ import annotations
@@ -89,8 +91,9 @@ def _teacher(plan, cfg: DistillConfig):
     return load_full(path, WeightStore(path), plan.recipe.model.trust_remote_code)
 
 
-def run_distill(plan, store, cfg: DistillConfig, targets: list[str], calib: torch.Tensor, out_dir: Path, ctx, sparse):
-    from kiln.compress.engine import StageOutput
+def run_distill(plan, store, cfg: DistillConfig, targets: list[str], calib: torch.Tensor, out_dir: Path, ctx, sparse,
+                compute_dtype: str = "float32"):
+    from kiln.compress.engine import StageOutput, compute_autocast
     from kiln.errors import CompressionError
     from kiln.model import load_full, save_overlay
 
@@ -129,18 +132,20 @@ def run_distill(plan, store, cfg: DistillConfig, targets: list[str], calib: torc
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(calib.shape[0], generator=g)
     curve = []
+    autocast = None if compute_dtype == "float32" else getattr(torch, compute_dtype)
     student.train()
     t0 = time.perf_counter()
     with ctx.progress("distill: steps", cfg.steps) as advance:
         for step in range(cfg.steps):
             idx = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % calib.shape[0]]
             x = calib[idx, : cfg.seq_len]
-            with torch.no_grad():
-                t_out = teacher(input_ids=x, use_cache=False, output_hidden_states=cfg.hidden_weight > 0)
-            s_out = student(input_ids=x, use_cache=False, output_hidden_states=cfg.hidden_weight > 0)
+            with compute_autocast(autocast):
+                with torch.no_grad():
+                    t_out = teacher(input_ids=x, use_cache=False, output_hidden_states=cfg.hidden_weight > 0)
+                s_out = student(input_ids=x, use_cache=False, output_hidden_states=cfg.hidden_weight > 0)
             loss = _kl(s_out.logits, t_out.logits, cfg.temperature)
             if cfg.hidden_weight > 0:
-                loss = loss + cfg.hidden_weight * F.mse_loss(s_out.hidden_states[-1], t_out.hidden_states[-1])
+                loss = loss + cfg.hidden_weight * F.mse_loss(s_out.hidden_states[-1].float(), t_out.hidden_states[-1].float())
             if not math.isfinite(loss.item()):
                 raise CompressionError(f"distill: the loss became {loss.item()} at step {step}",
                                        hint="lower lr / scale_lr")
