@@ -205,8 +205,8 @@ def native_bf16() -> bool:
 
 def compute_autocast(dtype: torch.dtype | None):
     """The calibration forward's precision: float32 (None), or CPU autocast to `dtype`, where
-    linears, matmuls and attention run in bfloat16 (AMX/AVX512-BF16 GEMMs, ~8× float32's rate on
-    such CPUs) while norms, softmax statistics and the residual stream stay float32. Hessians, the
+    linears, matmuls and attention run in bfloat16 (AMX/AVX512-BF16 GEMMs, several times float32's
+    rate on such CPUs) while norms, softmax statistics and the residual stream stay float32. Hessians, the
     methods' own arithmetic and the int8 products of W8A8 linears run outside it, in float32."""
     return torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
