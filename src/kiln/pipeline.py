@@ -470,6 +470,13 @@ def _run_stage(plan: Plan, sp: StagePlan, store, calib, run_dir: Path, ctx: RunC
     return result
 
 
+def _calibration_key(calib_info: dict) -> list:
+    """What of the calibration changes a stage's result beyond its tokens: the batch size (the order of
+    float sums) and a compute dtype other than float32 (left out for float32, so earlier keys stand)."""
+    key = [calib_info["token_digest"], calib_info["batch_size"]]
+    return key + [calib_info["compute_dtype"]] if calib_info["compute_dtype"] != "float32" else key
+
+
 def _tasks_key(ev) -> dict:
     return {"tasks": list(ev.tasks), "limit": ev.limit, "seed": ev.seed} if ev.tasks else {}
 
@@ -601,8 +608,7 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
     stage_stores = []
     for sp in plan.stages:
         sp.key = _key(prev, sp.config.model_dump(mode="json"), sp.targets,
-                      [calib_info["token_digest"], calib_info["batch_size"]] if sp.config.needs_calibration else None,
-                      *([calib_info["compute_dtype"]] if sp.config.needs_calibration and calib_info["compute_dtype"] != "float32" else []))
+                      _calibration_key(calib_info) if sp.config.needs_calibration else None)
         prev = sp.key
         res = _run_stage(plan, sp, store, calib, out_dir, ctx)
         stage_results.append(res)

@@ -132,14 +132,13 @@ def run_distill(plan, store, cfg: DistillConfig, targets: list[str], calib: torc
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(calib.shape[0], generator=g)
     curve = []
-    autocast = None if compute_dtype == "float32" else getattr(torch, compute_dtype)
     student.train()
     t0 = time.perf_counter()
     with ctx.progress("distill: steps", cfg.steps) as advance:
         for step in range(cfg.steps):
             idx = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % calib.shape[0]]
             x = calib[idx, : cfg.seq_len]
-            with compute_autocast(autocast):
+            with compute_autocast(compute_dtype):
                 with torch.no_grad():
                     t_out = teacher(input_ids=x, use_cache=False, output_hidden_states=cfg.hidden_weight > 0)
                 s_out = student(input_ids=x, use_cache=False, output_hidden_states=cfg.hidden_weight > 0)

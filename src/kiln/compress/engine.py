@@ -45,7 +45,7 @@ class LayerInputs:
     hidden: list[torch.Tensor]  # one (B, L, d) tensor per calibration batch
     extras: list[list[tuple[tuple, dict]]]  # [layer][batch] → (args after hidden, kwargs)
     spill: Spill | None = None  # where `hidden` (and the saved inputs) live when not in memory
-    compute: torch.dtype | None = None  # bfloat16: the layers' forward runs under CPU autocast (see compute_autocast)
+    compute_dtype: str = "float32"  # bfloat16: the layers' forward runs under CPU autocast (see compute_autocast)
 
     def first_batch(self, i: int) -> LayerInputs:
         """Layer i's inputs for the first calibration batch alone (for probing the layer)."""
@@ -203,12 +203,14 @@ def native_bf16() -> bool:
     return any(bool(getattr(cpu, f, lambda: False)()) for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
-def compute_autocast(dtype: torch.dtype | None):
-    """The calibration forward's precision: float32 (None), or CPU autocast to `dtype`, where
-    linears, matmuls and attention run in bfloat16 (AMX/AVX512-BF16 GEMMs, several times float32's
-    rate on such CPUs) while norms, softmax statistics and the residual stream stay float32. Hessians, the
-    methods' own arithmetic and the int8 products of W8A8 linears run outside it, in float32."""
-    return torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+def compute_autocast(dtype: str):
+    """The calibration forward's precision (`data.calibration.compute_dtype`): "float32", or CPU
+    autocast to that dtype, where linears, matmuls and attention run in bfloat16 (AMX/AVX512-BF16
+    GEMMs, several times float32's rate on such CPUs) while norms, softmax statistics and the residual
+    stream stay float32. Hessians, the methods' own arithmetic and the int8 products of W8A8 linears
+    run outside it, in float32."""
+    lower = dtype != "float32"
+    return torch.autocast("cpu", dtype=getattr(torch, dtype) if lower else torch.bfloat16, enabled=lower)
 
 
 def _run_layer(layer: nn.Module, inputs: LayerInputs, i: int, before_batch=None, stop_at: nn.Module | None = None,
@@ -229,7 +231,7 @@ def _run_layer(layer: nn.Module, inputs: LayerInputs, i: int, before_batch=None,
                 if before_batch is not None:
                     before_batch(b)
                 try:
-                    with compute_autocast(inputs.compute):
+                    with compute_autocast(inputs.compute_dtype):
                         y = layer(h, *args, **kwargs)
                 except _Stop:
                     inputs.page_out()
@@ -540,7 +542,7 @@ def run_layerwise(model_dir: Path, store: WeightStore, stage, targets: list[str]
                 materialize(model, name, store, aliases, recurse=False)
         check_finite(model.get_input_embeddings(), "embeddings")
         inputs = capture_layer_inputs(model, layers, calib, batch_size, spill)
-        inputs.compute = None if compute_dtype == "float32" else getattr(torch, compute_dtype)
+        inputs.compute_dtype = compute_dtype
         emb = model.get_input_embeddings()
         release(model, module_name(model, emb))  # not needed again: free it
 
