@@ -22,7 +22,8 @@ METHODS = {
     "awq-gptq": [{"kind": "awq", "scheme": W4}, {"kind": "gptq", "scheme": W4}],
     "smoothquant-gptq-w8a8": [{"kind": "smoothquant", "alpha": 0.5}, {"kind": "gptq", "scheme": W8, "activations": {"bits": 8}}],
     "sparsegpt-gptq-distill": [{"kind": "sparsegpt", "sparsity": 0.5, "block_size": 16}, {"kind": "gptq", "scheme": W4},
-                               {"kind": "distill", "teacher": "original", "steps": 6, "batch_size": 2, "lr": 1e-3, "scale_lr": 1e-3}],
+                               {"kind": "distill", "teacher": "original", "steps": 6, "batch_size": 2, "lr": 1e-3, "scale_lr": 1e-3,
+                                "lr_schedule": "cosine", "warmup_steps": 1, "hidden_weight": 1.0, "hidden_layers": "all"}],
 }
 
 
@@ -329,6 +330,100 @@ def test_two_four_on_a_dimension_not_divisible_by_four(tiny_models, tmp_path):
 def test_distillation_without_a_teacher(tiny_models, tmp_path):
     r = method_recipe(tiny_models("llama"), [{"kind": "gptq", "scheme": W4}, {"kind": "distill"}], "llama")
     _fails(tmp_path, r, 3, "compress[1]", "teacher")
+
+
+def test_distillation_warmup_longer_than_the_run(tiny_models, tmp_path):
+    r = method_recipe(tiny_models("llama"), [{"kind": "sparsegpt"}, {"kind": "distill", "teacher": "original",
+                                                                       "steps": 10, "warmup_steps": 10}], "llama")
+    _fails(tmp_path, r, 3, "compress[1]", "warmup_steps (10) must be fewer than steps (10)")
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_on_a_half_cosine():
+    from kiln.compress.distill import lr_factor
+
+    const = [lr_factor(s, 20, 4, "constant") for s in range(20)]
+    assert const[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and const[4:] == [1.0] * 16
+    cos = [lr_factor(s, 20, 4, "cosine") for s in range(20)]
+    assert cos[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert cos[12] == pytest.approx(0.5)                   # halfway through the 16 decay steps
+    assert all(a > b > 0 for a, b in zip(cos[4:], cos[5:]))
+    assert lr_factor(0, 20, 0, "cosine") == 1.0
+
+
+@pytest.mark.parametrize("cap", [None, 5.0])
+def test_chunked_kl_gives_the_full_logits_loss_and_gradients(cap):
+    """The head applied a chunk of tokens at a time (11 chunks of 7 rows for 2 × 37 tokens, the last
+    short), checkpointed: the loss and the gradients of the student's hidden states and head are
+    those of the full logits."""
+    import torch.nn.functional as F
+
+    from kiln.compress.distill import chunked_kl
+
+    g = torch.Generator().manual_seed(0)
+    s_head, t_head = nn.Linear(16, 300, bias=False), nn.Linear(16, 300, bias=False)
+    t_head.weight.data = s_head.weight.data + 0.1 * torch.randn(300, 16, generator=g)
+    s_h = torch.randn(2, 37, 16, generator=g, requires_grad=True)
+    t_h = torch.randn(2, 37, 16, generator=g)
+    capped = (lambda z: z) if cap is None else (lambda z: torch.tanh(z / cap) * cap)
+
+    def full() -> torch.Tensor:
+        T = 2.0
+        log_p = F.log_softmax(capped(t_head(t_h)) / T, -1)
+        log_q = F.log_softmax(capped(s_head(s_h)) / T, -1)
+        return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * T * T
+
+    got = chunked_kl(s_head, t_head, s_h, t_h, 2.0, cap, chunk=7)
+    (g_h, g_w) = torch.autograd.grad(got, [s_h, s_head.weight])
+    want = full()
+    (w_h, w_w) = torch.autograd.grad(want, [s_h, s_head.weight])
+    assert float(want.detach()) > 0.01
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_h, w_h, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(g_w, w_w, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch,cap", [("gpt2", None), ("gemma3_text", 3.0)])
+def test_with_the_heads_off_the_models_give_hidden_states_and_the_loss_is_the_logits_loss(arch, cap, tiny_models):
+    """GPT-2's head is tied to its embedding; a soft-capped head (Gemma 2's final_logit_softcapping,
+    set here on a Gemma 3) is capped by the loss instead of the model. After the block both models
+    give logits again."""
+    from transformers import AutoModelForCausalLM
+
+    from kiln.compress.distill import _HeadsOff, _kl, chunked_kl
+
+    student, teacher = (AutoModelForCausalLM.from_pretrained(tiny_models(arch)).eval() for _ in range(2))
+    for m in (student, teacher):
+        m.config.final_logit_softcapping = cap
+    with torch.no_grad():
+        w = teacher.get_output_embeddings().weight
+        w.add_(0.5 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(1)))
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = _kl(student(ids).logits, teacher(ids).logits, 1.0) / ids.numel()
+        with _HeadsOff(student, teacher) as heads:
+            h_s, h_t = student(ids).logits, teacher(ids).logits
+            assert h_s.shape[-1] == student.config.hidden_size and heads.cap == cap
+            got = chunked_kl(*heads.heads, h_s, h_t, 1.0, heads.cap, chunk=10)
+        assert student(ids).logits.shape[-1] == student.config.vocab_size
+    assert float(want) > 1e-4
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_hidden_loss_over_all_blocks_weighs_each_depth_by_its_own_scale():
+    """'all' normalises each block's squared error by the teacher's: the same relative error costs
+    the same at a block whose activations are 100× larger; hidden_states[0] (embeddings) is skipped."""
+    from kiln.compress.distill import _hidden_mse
+
+    g = torch.Generator().manual_seed(0)
+    t = [torch.randn(2, 8, 16, generator=g) * s for s in (1.0, 1.0, 100.0)]
+    noise = [torch.randn(2, 8, 16, generator=g) for _ in t]
+    small = [t[0] + 5 * noise[0], t[1] + 0.1 * noise[1], t[2]]
+    large = [t[0] + 5 * noise[0], t[1], t[2] + 10.0 * noise[2]]
+    assert float(_hidden_mse(t, t, "all")) == 0.0
+    for shifted in (small, large):                        # 10% relative error at one of two blocks
+        assert float(_hidden_mse(shifted, t, "all")) == pytest.approx(0.01 / 2, rel=0.3)
+    assert float(_hidden_mse(small, t, "last")) == 0.0
+    assert float(_hidden_mse(large, t, "last")) == pytest.approx(100.0, rel=0.3)
 
 
 @pytest.mark.parametrize("stages,needles", [

@@ -367,3 +367,43 @@ def test_a_distill_teacher_is_resolved_before_any_stage_runs(tiny_models, tmp_pa
         assert code == 4, err
         assert json.loads(out)["error"]["message"].startswith("compress[1].teacher: "), out
         assert not (run_dir / "stages").exists()
+
+
+def test_distill_samples_trains_on_windows_beyond_calibration_and_evaluation_skips_their_documents(tiny_models, tmp_path):
+    """`samples` on a distill stage cuts its own windows from the calibration stream: the first ones are
+    the calibration windows, the rest come from further documents, and an evaluation set on the same
+    source leaves all of those documents out. Too few tokens for them fails before any stage runs."""
+    import random
+
+    from kiln.data import calibration_windows, evaluation_windows, load_documents
+    from kiln.pipeline import _tokenizer
+
+    rng = random.Random(0)
+    words = "river stone market winter signal harbor lantern orchard copper meadow engine valley".split()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Note {i}: " + " ".join(rng.choice(words) for _ in range(24)) for i in range(80)))
+    model = tiny_models("llama")
+    r = gptq_recipe(model, samples=2, seq_len=32)
+    r["data"]["calibration"]["source"] = str(corpus)
+    r["data"]["evaluation"] = [{"name": "notes", "source": str(corpus), "windows": 2, "seq_len": 32}]
+    r["compress"] = [{"kind": "sparsegpt", "sparsity": 0.5, "block_size": 16},
+                     {"kind": "distill", "teacher": "original", "steps": 2, "batch_size": 4, "samples": 150}]
+    out = run_json("run", str(write_recipe(tmp_path / "r.yaml", r)), "--out", str(tmp_path / "run"), "--quiet")
+    assert out["stages"][1]["result"]["train_windows"] == 150
+
+    docs, tok = load_documents(str(corpus)), _tokenizer(model)
+    calib, train = calibration_windows(docs, tok, 2, 32, 0), calibration_windows(docs, tok, 150, 32, 0)
+    assert torch.equal(train.ids[:2], calib.ids) and len(train.doc_indices) > len(calib.doc_indices)
+    manifest = json.loads((tmp_path / "run" / "artifact" / "manifest.json").read_text())
+    got = manifest["data"]["evaluation"]["notes"]["token_digest"]
+    assert got == evaluation_windows(docs, tok, 2, 32, set(train.doc_indices)).digest
+    unseen_by_calibration = evaluation_windows(docs, tok, 2, 32, set(calib.doc_indices))
+    assert set(unseen_by_calibration.doc_indices) & set(train.doc_indices)  # so leaving out only those would overlap
+    assert got != unseen_by_calibration.digest
+
+    r["compress"][1]["samples"] = 5000
+    run_dir = tmp_path / "run-short"
+    code, js, err = run_cli("run", str(write_recipe(tmp_path / "short.yaml", r)), "--out", str(run_dir), "--json")
+    msg = json.loads(js)["error"]
+    assert code == 4 and "5000 samples" in msg["message"] and "lower compress[1].samples" in msg["message"], js
+    assert not (run_dir / "stages").exists()

@@ -189,7 +189,8 @@ def test_distill_teacher_is_checked_at_plan_time(tiny_models, tmp_path, teacher,
 @pytest.mark.parametrize("extra,needle", [
     ({"seq_len": 4096}, "compress[1].seq_len: 4096 tokens exceeds the model's 512 positions"),
     ({"seq_len": 128}, "compress[1].seq_len: 128 is longer than the calibration windows it trains on (data.calibration.seq_len: 64)"),
-    ({"batch_size": 64}, "compress[1].batch_size: 64 is more than the 8 calibration samples"),
+    ({"batch_size": 64}, "compress[1].batch_size: 64 is more than the 8 training windows (data.calibration.samples)"),
+    ({"samples": 1}, "compress[1].batch_size: 2 is more than the 1 training windows (compress[1].samples)"),
 ])
 def test_distill_sizes_beyond_the_calibration_data_are_refused(tiny_models, tmp_path, extra, needle):
     from conftest import gptq_recipe

@@ -21,7 +21,8 @@ def shrink(recipe: dict, model_dir: Path) -> dict:
         e.update(windows=2, seq_len=64)
     for stage in recipe["compress"]:
         if stage["kind"] == "distill":
-            stage.update(steps=3, batch_size=2, **({"seq_len": 64} if stage.get("seq_len") else {}))
+            stage.update(steps=3, batch_size=2, **({"seq_len": 64} if stage.get("seq_len") else {}),
+                         **({"samples": 16} if stage.get("samples") else {}))
         if stage.get("scheme", {}).get("group_size") in (64, 128):
             stage["scheme"]["group_size"] = 32  # the tiny models' hidden size is 64
     ev = recipe.get("evaluate") or {}

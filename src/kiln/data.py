@@ -171,7 +171,10 @@ def _digest_ids(ids) -> str:
     return hashlib.sha256(ids.numpy().tobytes()).hexdigest()
 
 
-def calibration_windows(docs: Documents, tokenizer, samples: int, seq_len: int, seed: int) -> TokenWindows:
+def calibration_windows(docs: Documents, tokenizer, samples: int, seq_len: int, seed: int,
+                        field: str = "data.calibration.samples") -> TokenWindows:
+    """`samples` windows cut from one stream of the documents in a seeded order; more samples extend
+    the stream, so fewer samples give a prefix of the same rows."""
     import torch
 
     prefix = _prefix(tokenizer)
@@ -190,7 +193,7 @@ def calibration_windows(docs: Documents, tokenizer, samples: int, seq_len: int, 
     if len(stream) < need:
         raise InputError(
             f"calibration data {docs.source!r} has {len(stream)} tokens; {samples} samples × {seq_len} tokens need {need}",
-            hint="lower data.calibration.samples or seq_len, or add text",
+            hint=f"lower {field} or data.calibration.seq_len, or add text",
         )
     rows = [prefix + stream[k * body : (k + 1) * body] for k in range(samples)]
     ids = torch.tensor(rows, dtype=torch.long)

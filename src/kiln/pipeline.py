@@ -163,10 +163,10 @@ def _check_distill_sizes(where: str, stage, recipe: Recipe, max_positions: int |
         raise RecipeError(f"{where}.seq_len: {stage.seq_len} is longer than the calibration windows it trains on "
                           f"(data.calibration.seq_len: {cal.seq_len})",
                           hint=f"lower {where}.seq_len, or raise data.calibration.seq_len")
-    if stage.batch_size > cal.samples:
-        raise RecipeError(f"{where}.batch_size: {stage.batch_size} is more than the {cal.samples} calibration samples "
-                          "(data.calibration.samples); a batch would repeat samples",
-                          hint=f"lower {where}.batch_size, or raise data.calibration.samples")
+    samples, field = (stage.samples, f"{where}.samples") if stage.samples else (cal.samples, "data.calibration.samples")
+    if stage.batch_size > samples:
+        raise RecipeError(f"{where}.batch_size: {stage.batch_size} is more than the {samples} training windows "
+                          f"({field}); a batch would repeat windows", hint=f"lower {where}.batch_size, or raise {field}")
 
 
 def _compile_lengths(recipe: Recipe) -> list[tuple[str, int]]:
@@ -590,10 +590,17 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
             if not calib_info["native_bf16"]:
                 ctx.log("[yellow]warning[/yellow]: data.calibration.compute_dtype: bfloat16 on a CPU without AMX or "
                         "AVX512-BF16: its bfloat16 GEMMs are emulated and slower than float32; set it to float32 here")
+    train = {}  # stage index → its own training windows (a distill stage's `samples`), cut before any stage runs
+    for sp in plan.stages:
+        if sp.config.role == "training" and sp.config.samples is not None:
+            c = recipe.data.calibration
+            train[sp.index] = calibration_windows(calib_docs, tokenizer, sp.config.samples, c.seq_len, c.seed,
+                                                  field=f"compress[{sp.index}].samples")
+    calib_seen = set() if calib_docs is None else set(win.doc_indices).union(*(t.doc_indices for t in train.values()))
     eval_sets, eval_info = {}, {}
     for i, e in enumerate(recipe.data.evaluation):
         docs = load_documents(e.source, e.field, f"data.evaluation[{i}].source")
-        exclude = set(win.doc_indices) if calib_docs is not None and docs.key == calib_docs.key else set()
+        exclude = calib_seen if calib_docs is not None and docs.key == calib_docs.key else set()
         w = evaluation_windows(docs, tokenizer, e.windows, e.seq_len, exclude)
         eval_sets[e.name] = w
         eval_info[e.name] = {"source": e.source, "field": e.field, "source_digest": docs.digest,
@@ -607,10 +614,12 @@ def run(recipe: Recipe, out_dir: Path, ctx: RunContext) -> dict:
     stage_results = []
     stage_stores = []
     for sp in plan.stages:
+        own = train.get(sp.index)
         sp.key = _key(prev, sp.config.model_dump(mode="json"), sp.targets,
-                      _calibration_key(calib_info) if sp.config.needs_calibration else None)
+                      _calibration_key(calib_info) if sp.config.needs_calibration else None,
+                      *([own.digest] if own is not None else []))
         prev = sp.key
-        res = _run_stage(plan, sp, store, calib, out_dir, ctx)
+        res = _run_stage(plan, sp, store, calib if own is None else own.ids, out_dir, ctx)
         stage_results.append(res)
         store = store.with_overlays([out_dir / "stages" / sp.dirname / f for f in res["files"]])
         stage_stores.append((sp, store))

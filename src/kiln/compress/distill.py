@@ -7,8 +7,13 @@ What is trained, and why:
   4-bit codes need no fp32 master copy);
 - pruned linears train their kept weights; the pruned ones get no gradient and stay exactly zero;
 - every norm weight trains; embeddings, the LM head and untouched linears are frozen.
-Loss: KL(teacher ‖ student) on logits at temperature T (× T²), plus optionally the mean squared
-error between the last hidden states. With `data.calibration.compute_dtype: bfloat16` both models'
+Loss: KL(teacher ‖ student) on logits at temperature T (× T²), plus optionally a hidden-state term:
+the mean squared error of the last hidden states, or (`hidden_layers: all`) the mean over blocks of
+each block output's squared error normalised by the teacher's squared norm, so that every depth
+weighs alike (the "SquareHead" loss of arXiv:2310.06927, made for recovering pruned LLMs).
+`lr_schedule: cosine` decays both learning rates to zero after a linear warmup. The KL is taken from
+the final hidden states a chunk of tokens at a time (`chunked_kl`): a batch's full logits, tokens ×
+vocabulary, never exist. With `data.calibration.compute_dtype: bfloat16` both models'
 forward (and the student's backward) run under CPU autocast, mixed-precision training: the trained
 parameters, AdamW's moments and the loss stay float32.
 """
@@ -34,12 +39,20 @@ class DistillConfig(StageConfig):
     teacher: str | None = Field(None, description="'original' (the model before compression) or a model source")
     steps: int = Field(100, ge=1, le=100_000)
     batch_size: int = Field(4, ge=1, le=256)
+    samples: int | None = Field(None, ge=1, le=1_000_000,
+                                description="train on this many windows of data.calibration's source and seq_len "
+                                "(default: the calibration windows); the first data.calibration.samples of them are "
+                                "the calibration windows, the rest continue the same document stream")
     seq_len: int | None = Field(None, ge=8, description="train on the first seq_len tokens of each calibration "
                                 "window (default: whole windows); shorter is proportionally faster")
     lr: float = Field(5e-5, gt=0.0, le=1.0, description="AdamW learning rate for kept weights and norms")
     scale_lr: float = Field(1e-4, gt=0.0, le=1.0, description="learning rate for quantization scales")
     temperature: float = Field(1.0, gt=0.0, le=10.0)
-    hidden_weight: float = Field(0.0, ge=0.0, description="weight of the last-hidden-state MSE term")
+    hidden_weight: float = Field(0.0, ge=0.0, description="weight of the hidden-state term")
+    hidden_layers: Literal["last", "all"] = Field("last", description="'last': MSE of the last hidden states; "
+                                                  "'all': mean over blocks of the normalised MSE of each block's output")
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0, description="linear warmup before the schedule")
     seed: int = 0
 
     needs_calibration = True
@@ -50,6 +63,8 @@ class DistillConfig(StageConfig):
         if not self.teacher:
             raise ValueError("distill needs a teacher: set `teacher: original` (the model before compression) "
                              "or a model source such as a folder or pkg: path")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be fewer than steps ({self.steps})")
         return self
 
 
@@ -74,9 +89,79 @@ class ScaleTrainedLinear(nn.Module):
 
 
 def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+    """Σ over rows of KL(p ‖ q) at temperature T, × T²."""
     log_p = F.log_softmax(teacher_logits.float() / T, dim=-1)
     log_q = F.log_softmax(student_logits.float() / T, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * T * T
+    return (log_p.exp() * (log_p - log_q)).sum() * T * T
+
+
+def _logits(head: nn.Module, h: torch.Tensor, cap: float | None) -> torch.Tensor:
+    z = head(h)
+    return z if cap is None else torch.tanh(z / cap) * cap
+
+
+def chunked_kl(student_head: nn.Module, teacher_head: nn.Module, s_h: torch.Tensor, t_h: torch.Tensor, T: float,
+               cap: float | None = None, chunk: int = 512) -> torch.Tensor:
+    """Mean over tokens of KL(teacher ‖ student) from the final hidden states, applying each head to
+    `chunk` tokens at a time under activation checkpointing: only one chunk's logits (× vocabulary)
+    are ever alive, in the forward and again when the backward recomputes them."""
+    from torch.utils.checkpoint import checkpoint
+
+    s_h, t_h = s_h.reshape(-1, s_h.shape[-1]), t_h.reshape(-1, t_h.shape[-1])
+
+    def part(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher = _logits(teacher_head, t, cap)
+        return _kl(_logits(student_head, s, cap), teacher, T)
+
+    total = sum(checkpoint(part, s_h[i : i + chunk], t_h[i : i + chunk], use_reentrant=False)
+                for i in range(0, s_h.shape[0], chunk))
+    return total / s_h.shape[0]
+
+
+class _HeadsOff:
+    """Within the block, each model's output head is an identity (and a final logit soft-cap, Gemma 2's,
+    is off), so that `model(...).logits` are the final hidden states; `heads` and `cap` are what the
+    loss applies instead, a chunk at a time."""
+
+    def __init__(self, *models: nn.Module):
+        self.models = models
+        self.names = [next(n for n, m in model.named_modules() if m is model.get_output_embeddings()) for model in models]
+        self.heads = [model.get_submodule(n) for model, n in zip(models, self.names)]
+        self.cap = getattr(models[0].config, "final_logit_softcapping", None)
+
+    def __enter__(self) -> "_HeadsOff":
+        for model, name in zip(self.models, self.names):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, nn.Identity())
+            if self.cap is not None:
+                model.config.final_logit_softcapping = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for model, name, head in zip(self.models, self.names, self.heads):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, head)
+            if self.cap is not None:
+                model.config.final_logit_softcapping = self.cap
+
+
+def _hidden_mse(student_hidden, teacher_hidden, layers: str) -> torch.Tensor:
+    if layers == "last":
+        return F.mse_loss(student_hidden[-1].float(), teacher_hidden[-1].float())
+    # hidden_states[0] is the embedding output, the same in both models
+    terms = [(s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12)
+             for s, t in zip(student_hidden[1:], teacher_hidden[1:])]
+    return torch.stack(terms).mean()
+
+
+def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
+    """The multiplier of the base learning rates at `step` (0-based)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
 
 
 def _teacher(plan, cfg: DistillConfig):
@@ -128,13 +213,15 @@ def run_distill(plan, store, cfg: DistillConfig, targets: list[str], calib: torc
         p.requires_grad_(True)
     groups = [{"params": weights + norms, "lr": cfg.lr}] + ([{"params": scales, "lr": cfg.scale_lr}] if scales else [])
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.lr_schedule))
 
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(calib.shape[0], generator=g)
     curve = []
     student.train()
     t0 = time.perf_counter()
-    with ctx.progress("distill: steps", cfg.steps) as advance:
+    with ctx.progress("distill: steps", cfg.steps) as advance, _HeadsOff(student, teacher) as heads:
         for step in range(cfg.steps):
             idx = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % calib.shape[0]]
             x = calib[idx, : cfg.seq_len]
@@ -142,15 +229,17 @@ def run_distill(plan, store, cfg: DistillConfig, targets: list[str], calib: torc
                 with torch.no_grad():
                     t_out = teacher(input_ids=x, use_cache=False, output_hidden_states=cfg.hidden_weight > 0)
                 s_out = student(input_ids=x, use_cache=False, output_hidden_states=cfg.hidden_weight > 0)
-            loss = _kl(s_out.logits, t_out.logits, cfg.temperature)
+                # with the heads off, .logits are the final hidden states
+                loss = chunked_kl(*heads.heads, s_out.logits, t_out.logits, cfg.temperature, heads.cap)
             if cfg.hidden_weight > 0:
-                loss = loss + cfg.hidden_weight * F.mse_loss(s_out.hidden_states[-1].float(), t_out.hidden_states[-1].float())
+                loss = loss + cfg.hidden_weight * _hidden_mse(s_out.hidden_states, t_out.hidden_states, cfg.hidden_layers)
             if not math.isfinite(loss.item()):
                 raise CompressionError(f"distill: the loss became {loss.item()} at step {step}",
                                        hint="lower lr / scale_lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             for name, mask in masks.items():
                 student.get_submodule(name).weight.data.mul_(mask)
             curve.append(round(loss.item(), 6))
@@ -173,7 +262,7 @@ def run_distill(plan, store, cfg: DistillConfig, targets: list[str], calib: torc
     save_overlay(f, tensors, quantized)
     out.files.append(f)
     out.modules = {n: {"trained": "scales" if n in scale_modules else "kept weights" if n in masks else "none"} for n in targets}
-    out.extra = {"loss_curve": curve, "loss_first": curve[0], "loss_last": curve[-1],
+    out.extra = {"train_windows": calib.shape[0], "train_seq_len": calib[:, : cfg.seq_len].shape[1], "loss_curve": curve, "loss_first": curve[0], "loss_last": curve[-1],
                  "train_seconds": round(time.perf_counter() - t0, 2), "steps": cfg.steps}
     del teacher, student
     return out
