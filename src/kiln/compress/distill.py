@@ -12,8 +12,8 @@ the mean squared error of the last hidden states, or (`hidden_layers: all`) the 
 each block output's squared error normalised by the teacher's squared norm, so that every depth
 weighs alike (the "SquareHead" loss of arXiv:2310.06927, made for recovering pruned LLMs).
 `lr_schedule: cosine` decays both learning rates to zero after a linear warmup. The KL is taken from
-the final hidden states a chunk of tokens at a time (`chunked_kl`): a batch's full logits, tokens ×
-vocabulary, never exist. With `data.calibration.compute_dtype: bfloat16` both models'
+the final hidden states a chunk of tokens at a time, its gradient formed in the same pass
+(`chunked_kl`): a batch's full logits, tokens × vocabulary, never exist. With `data.calibration.compute_dtype: bfloat16` both models'
 forward (and the student's backward) run under CPU autocast, mixed-precision training: the trained
 parameters, AdamW's moments and the loss stay float32.
 """
@@ -95,28 +95,77 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) ->
     return (log_p.exp() * (log_p - log_q)).sum() * T * T
 
 
-def _logits(head: nn.Module, h: torch.Tensor, cap: float | None) -> torch.Tensor:
-    z = head(h)
-    return z if cap is None else torch.tanh(z / cap) * cap
+def _head_weight(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's (vocabulary, hidden) weight and bias as tensors of the autograd graph: a quantized
+    head's weight is built from its codes and its trainable scales."""
+    if isinstance(head, ScaleTrainedLinear):
+        return head.centered * head.scale[:, head.g_idx], head.bias
+    if isinstance(head, nn.Linear):
+        return head.weight, head.bias
+    raise TypeError(f"distill: the output head is a {type(head).__name__}, not a linear layer")
+
+
+class _HeadKL(torch.autograd.Function):
+    """Σ over rows of T²·KL(p ‖ q), q = softmax(z/T) for the student's logits z = c(h Wᵀ + b) (c: the
+    optional soft-cap, cap·tanh(u/cap)) and p the teacher's, taken `chunk` rows at a time. The
+    gradients are formed in the same pass, ∂/∂z = T·(q − p), times c′(u) = 1 − (z/cap)², so no
+    chunk's logits outlive it and none is recomputed: tokens × vocabulary floats never exist at once.
+    GEMMs run in `dtype` (bfloat16 under a bfloat16 compute_dtype, as autocast would run the head);
+    sums and softmax statistics in float32."""
+
+    @staticmethod
+    def forward(ctx, h, W, b, teacher_logits, T: float, cap: float | None, chunk: int, dtype: torch.dtype):
+        want_W, want_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        Wd = W.detach().to(dtype)
+        bias = None if b is None else b.detach().float()
+        grad_h = torch.empty_like(h)
+        grad_W = torch.zeros(W.shape, dtype=torch.float32) if want_W else None
+        grad_b = torch.zeros(W.shape[0], dtype=torch.float32) if want_b else None
+        total = torch.zeros((), dtype=torch.float64)
+        for i in range(0, h.shape[0], chunk):
+            hc = h[i : i + chunk].detach().to(dtype)
+            z = (hc @ Wd.T).float()
+            if bias is not None:
+                z += bias
+            if cap is not None:
+                z = torch.tanh(z / cap) * cap
+            log_q = F.log_softmax(z / T, dim=-1)
+            log_p = F.log_softmax(teacher_logits(i, i + chunk).float() / T, dim=-1)
+            p = log_p.exp()
+            total += float((p * (log_p - log_q)).sum()) * T * T
+            g = (log_q.exp() - p) * T
+            if cap is not None:
+                g *= 1 - (z / cap).square()
+            grad_h[i : i + chunk] = (g.to(dtype) @ Wd).to(h.dtype)
+            if want_W:
+                grad_W += (g.to(dtype).T @ hc).float()
+            if want_b:
+                grad_b += g.sum(0)
+        ctx.grads = (grad_h, grad_W, grad_b)
+        return total.to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, out):
+        grad_h, grad_W, grad_b = ctx.grads
+        scaled = [None if t is None else t * out for t in (grad_h, grad_W, grad_b)]
+        return (*scaled, None, None, None, None, None)
 
 
 def chunked_kl(student_head: nn.Module, teacher_head: nn.Module, s_h: torch.Tensor, t_h: torch.Tensor, T: float,
-               cap: float | None = None, chunk: int = 512) -> torch.Tensor:
-    """Mean over tokens of KL(teacher ‖ student) from the final hidden states, applying each head to
-    `chunk` tokens at a time under activation checkpointing: only one chunk's logits (× vocabulary)
-    are ever alive, in the forward and again when the backward recomputes them."""
-    from torch.utils.checkpoint import checkpoint
-
+               cap: float | None = None, chunk: int = 512, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Mean over tokens of T²·KL(teacher ‖ student) from the final hidden states and the two heads,
+    `chunk` tokens at a time (`_HeadKL`)."""
     s_h, t_h = s_h.reshape(-1, s_h.shape[-1]), t_h.reshape(-1, t_h.shape[-1])
+    W, b = _head_weight(student_head)
+    Wt, bt = (t.detach().to(dtype) if t is not None else None for t in _head_weight(teacher_head))
 
-    def part(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            teacher = _logits(teacher_head, t, cap)
-        return _kl(_logits(student_head, s, cap), teacher, T)
+    def teacher_logits(i: int, j: int) -> torch.Tensor:
+        z = (t_h[i:j].detach().to(dtype) @ Wt.T).float()
+        z = z if bt is None else z + bt.float()
+        return z if cap is None else torch.tanh(z / cap) * cap
 
-    total = sum(checkpoint(part, s_h[i : i + chunk], t_h[i : i + chunk], use_reentrant=False)
-                for i in range(0, s_h.shape[0], chunk))
-    return total / s_h.shape[0]
+    with torch.autocast("cpu", enabled=False):
+        return _HeadKL.apply(s_h, W, b, teacher_logits, T, cap, chunk, dtype) / s_h.shape[0]
 
 
 class _HeadsOff:
@@ -230,7 +279,8 @@ def run_distill(plan, store, cfg: DistillConfig, targets: list[str], calib: torc
                     t_out = teacher(input_ids=x, use_cache=False, output_hidden_states=cfg.hidden_weight > 0)
                 s_out = student(input_ids=x, use_cache=False, output_hidden_states=cfg.hidden_weight > 0)
                 # with the heads off, .logits are the final hidden states
-                loss = chunked_kl(*heads.heads, s_out.logits, t_out.logits, cfg.temperature, heads.cap)
+                loss = chunked_kl(*heads.heads, s_out.logits, t_out.logits, cfg.temperature, heads.cap,
+                                  dtype=getattr(torch, compute_dtype))
             if cfg.hidden_weight > 0:
                 loss = loss + cfg.hidden_weight * _hidden_mse(s_out.hidden_states, t_out.hidden_states, cfg.hidden_layers)
             if not math.isfinite(loss.item()):
