@@ -375,7 +375,7 @@ def test_chunked_kl_gives_the_full_logits_loss_and_gradients(cap, dtype):
     log_p, log_q = F.log_softmax(z_t / 2.0, -1), F.log_softmax(z_s / 2.0, -1)
     want = (log_p.exp() * (log_p - log_q)).sum(-1).mean() * 4.0
     want_grads = torch.autograd.grad(want, params)
-    got = chunked_kl(s_head, t_head, s_h, t_h, 2.0, cap, chunk=7, dtype=getattr(torch, dtype))
+    got = chunked_kl(s_head, t_head, s_h, t_h, 2.0, cap, chunk=7, dtype=getattr(torch, dtype), teacher_cap=cap)
     got_grads = torch.autograd.grad(got, params)
 
     tol = {"float32": dict(rtol=1e-4, atol=1e-6), "bfloat16": dict(rtol=2e-2, atol=2e-3)}[dtype]
@@ -388,15 +388,16 @@ def test_chunked_kl_gives_the_full_logits_loss_and_gradients(cap, dtype):
 @pytest.mark.parametrize("arch,cap", [("gpt2", None), ("gemma3_text", 3.0)])
 def test_with_the_heads_off_the_models_give_hidden_states_and_the_loss_is_the_logits_loss(arch, cap, tiny_models):
     """GPT-2's head is tied to its embedding; a soft-capped head (Gemma 2's final_logit_softcapping,
-    set here on a Gemma 3) is capped by the loss instead of the model. After the block both models
-    give logits again."""
+    set here on a Gemma 3, at another value for the teacher) is capped by the loss instead of the
+    model. After the block both models give capped logits again."""
     from transformers import AutoModelForCausalLM
 
     from kiln.compress.distill import _HeadsOff, _kl, chunked_kl
 
     student, teacher = (AutoModelForCausalLM.from_pretrained(tiny_models(arch)).eval() for _ in range(2))
-    for m in (student, teacher):
-        m.config.final_logit_softcapping = cap
+    caps = [cap, None if cap is None else 2 * cap]  # a teacher of another config may cap at another value
+    for m, c in zip((student, teacher), caps):
+        m.config.final_logit_softcapping = c
     with torch.no_grad():
         w = teacher.get_output_embeddings().weight
         w.add_(0.5 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(1)))
@@ -405,9 +406,10 @@ def test_with_the_heads_off_the_models_give_hidden_states_and_the_loss_is_the_lo
         want = _kl(student(ids).logits, teacher(ids).logits, 1.0) / ids.numel()
         with _HeadsOff(student, teacher) as heads:
             h_s, h_t = student(ids).logits, teacher(ids).logits
-            assert h_s.shape[-1] == student.config.hidden_size and heads.cap == cap
-            got = chunked_kl(*heads.heads, h_s, h_t, 1.0, heads.cap, chunk=10)
+            assert h_s.shape[-1] == student.config.hidden_size and heads.caps == caps
+            got = chunked_kl(*heads.heads, h_s, h_t, 1.0, heads.caps[0], chunk=10, teacher_cap=heads.caps[1])
         assert student(ids).logits.shape[-1] == student.config.vocab_size
+        assert [m.config.final_logit_softcapping for m in (student, teacher)] == caps
     assert float(want) > 1e-4
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 

@@ -152,9 +152,10 @@ class _HeadKL(torch.autograd.Function):
 
 
 def chunked_kl(student_head: nn.Module, teacher_head: nn.Module, s_h: torch.Tensor, t_h: torch.Tensor, T: float,
-               cap: float | None = None, chunk: int = 512, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               cap: float | None = None, chunk: int = 512, dtype: torch.dtype = torch.float32,
+               teacher_cap: float | None = None) -> torch.Tensor:
     """Mean over tokens of T²·KL(teacher ‖ student) from the final hidden states and the two heads,
-    `chunk` tokens at a time (`_HeadKL`)."""
+    `chunk` tokens at a time (`_HeadKL`); `cap`, `teacher_cap`: each model's final logit soft-cap."""
     s_h, t_h = s_h.reshape(-1, s_h.shape[-1]), t_h.reshape(-1, t_h.shape[-1])
     W, b = _head_weight(student_head)
     Wt, bt = (t.detach().to(dtype) if t is not None else None for t in _head_weight(teacher_head))
@@ -162,7 +163,7 @@ def chunked_kl(student_head: nn.Module, teacher_head: nn.Module, s_h: torch.Tens
     def teacher_logits(i: int, j: int) -> torch.Tensor:
         z = (t_h[i:j].detach().to(dtype) @ Wt.T).float()
         z = z if bt is None else z + bt.float()
-        return z if cap is None else torch.tanh(z / cap) * cap
+        return z if teacher_cap is None else torch.tanh(z / teacher_cap) * teacher_cap
 
     with torch.autocast("cpu", enabled=False):
         return _HeadKL.apply(s_h, W, b, teacher_logits, T, cap, chunk, dtype) / s_h.shape[0]
@@ -170,29 +171,29 @@ def chunked_kl(student_head: nn.Module, teacher_head: nn.Module, s_h: torch.Tens
 
 class _HeadsOff:
     """Within the block, each model's output head is an identity (and a final logit soft-cap, Gemma 2's,
-    is off), so that `model(...).logits` are the final hidden states; `heads` and `cap` are what the
+    is off), so that `model(...).logits` are the final hidden states; `heads` and `caps` are what the
     loss applies instead, a chunk at a time."""
 
     def __init__(self, *models: nn.Module):
         self.models = models
         self.names = [next(n for n, m in model.named_modules() if m is model.get_output_embeddings()) for model in models]
         self.heads = [model.get_submodule(n) for model, n in zip(models, self.names)]
-        self.cap = getattr(models[0].config, "final_logit_softcapping", None)
+        self.caps = [getattr(model.config, "final_logit_softcapping", None) for model in models]
 
     def __enter__(self) -> "_HeadsOff":
         for model, name in zip(self.models, self.names):
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, nn.Identity())
-            if self.cap is not None:
+            if getattr(model.config, "final_logit_softcapping", None) is not None:
                 model.config.final_logit_softcapping = None
         return self
 
     def __exit__(self, *exc) -> None:
-        for model, name, head in zip(self.models, self.names, self.heads):
+        for model, name, head, cap in zip(self.models, self.names, self.heads, self.caps):
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, head)
-            if self.cap is not None:
-                model.config.final_logit_softcapping = self.cap
+            if cap is not None:
+                model.config.final_logit_softcapping = cap
 
 
 def _hidden_mse(student_hidden, teacher_hidden, layers: str) -> torch.Tensor:
@@ -279,8 +280,8 @@ def run_distill(plan, store, cfg: DistillConfig, targets: list[str], calib: torc
                     t_out = teacher(input_ids=x, use_cache=False, output_hidden_states=cfg.hidden_weight > 0)
                 s_out = student(input_ids=x, use_cache=False, output_hidden_states=cfg.hidden_weight > 0)
                 # with the heads off, .logits are the final hidden states
-                loss = chunked_kl(*heads.heads, s_out.logits, t_out.logits, cfg.temperature, heads.cap,
-                                  dtype=getattr(torch, compute_dtype))
+                loss = chunked_kl(*heads.heads, s_out.logits, t_out.logits, cfg.temperature, heads.caps[0],
+                                  dtype=getattr(torch, compute_dtype), teacher_cap=heads.caps[1])
             if cfg.hidden_weight > 0:
                 loss = loss + cfg.hidden_weight * _hidden_mse(s_out.hidden_states, t_out.hidden_states, cfg.hidden_layers)
             if not math.isfinite(loss.item()):
