@@ -13,9 +13,10 @@ each block output's squared error normalised by the teacher's squared norm, so t
 weighs alike (the "SquareHead" loss of arXiv:2310.06927, made for recovering pruned LLMs).
 `lr_schedule: cosine` decays both learning rates to zero after a linear warmup. The KL is taken from
 the final hidden states a chunk of tokens at a time, its gradient formed in the same pass
-(`chunked_kl`): a batch's full logits, tokens × vocabulary, never exist. With `data.calibration.compute_dtype: bfloat16` both models'
-forward (and the student's backward) run under CPU autocast, mixed-precision training: the trained
-parameters, AdamW's moments and the loss stay float32.
+(`chunked_kl`): a batch's full logits, tokens × vocabulary, never exist.
+With `data.calibration.compute_dtype: bfloat16` both models' forward (and the student's backward)
+run under CPU autocast, mixed-precision training: the trained parameters, AdamW's moments and the
+loss stay float32.
 """
 
 from __future__ import annotations
@@ -313,7 +314,8 @@ def run_distill(plan, store, cfg: DistillConfig, targets: list[str], calib: torc
     save_overlay(f, tensors, quantized)
     out.files.append(f)
     out.modules = {n: {"trained": "scales" if n in scale_modules else "kept weights" if n in masks else "none"} for n in targets}
-    out.extra = {"train_windows": calib.shape[0], "train_seq_len": calib[:, : cfg.seq_len].shape[1], "loss_curve": curve, "loss_first": curve[0], "loss_last": curve[-1],
+    out.extra = {"train_windows": calib.shape[0], "train_seq_len": calib[:, : cfg.seq_len].shape[1],
+                 "loss_curve": curve, "loss_first": curve[0], "loss_last": curve[-1],
                  "train_seconds": round(time.perf_counter() - t0, 2), "steps": cfg.steps}
     del teacher, student
     return out
