@@ -350,6 +350,15 @@ def test_lr_schedule_warms_up_linearly_then_decays_on_a_half_cosine():
     assert lr_factor(0, 20, 0, "cosine") == 1.0
 
 
+def _full_logits_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+    """The reference: mean over tokens of T²·KL(p ‖ q) from whole logit tensors."""
+    import torch.nn.functional as F
+
+    log_p = F.log_softmax(teacher_logits.float() / T, -1)
+    log_q = F.log_softmax(student_logits.float() / T, -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * T * T
+
+
 @pytest.mark.parametrize("cap", [None, 5.0])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_chunked_kl_gives_the_full_logits_loss_and_gradients(cap, dtype):
@@ -357,8 +366,6 @@ def test_chunked_kl_gives_the_full_logits_loss_and_gradients(cap, dtype):
     short) with the gradients formed in the same pass: the loss and the gradients of the student's
     hidden states, head weight and bias are those of autograd through the full logits. In bfloat16
     both sides run the head's GEMMs in bfloat16 (autocast for the full one)."""
-    import torch.nn.functional as F
-
     from kiln.compress.distill import chunked_kl
 
     g = torch.Generator().manual_seed(0)
@@ -372,8 +379,7 @@ def test_chunked_kl_gives_the_full_logits_loss_and_gradients(cap, dtype):
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
         z_t, z_s = capped(t_head(t_h)).float(), capped(s_head(s_h)).float()
-    log_p, log_q = F.log_softmax(z_t / 2.0, -1), F.log_softmax(z_s / 2.0, -1)
-    want = (log_p.exp() * (log_p - log_q)).sum(-1).mean() * 4.0
+    want = _full_logits_kl(z_s, z_t, 2.0)
     want_grads = torch.autograd.grad(want, params)
     got = chunked_kl(s_head, t_head, s_h, t_h, 2.0, cap, chunk=7, dtype=getattr(torch, dtype), teacher_cap=cap)
     got_grads = torch.autograd.grad(got, params)
@@ -392,7 +398,7 @@ def test_with_the_heads_off_the_models_give_hidden_states_and_the_loss_is_the_lo
     model. After the block both models give capped logits again."""
     from transformers import AutoModelForCausalLM
 
-    from kiln.compress.distill import _HeadsOff, _kl, chunked_kl
+    from kiln.compress.distill import _HeadsOff, chunked_kl
 
     student, teacher = (AutoModelForCausalLM.from_pretrained(tiny_models(arch)).eval() for _ in range(2))
     caps = [cap, None if cap is None else 2 * cap]  # a teacher of another config may cap at another value
@@ -403,7 +409,7 @@ def test_with_the_heads_off_the_models_give_hidden_states_and_the_loss_is_the_lo
         w.add_(0.5 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(1)))
     ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want = _kl(student(ids).logits, teacher(ids).logits, 1.0) / ids.numel()
+        want = _full_logits_kl(student(ids).logits, teacher(ids).logits, 1.0)
         with _HeadsOff(student, teacher) as heads:
             h_s, h_t = student(ids).logits, teacher(ids).logits
             assert h_s.shape[-1] == student.config.hidden_size and heads.caps == caps

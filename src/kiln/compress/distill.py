@@ -89,13 +89,6 @@ class ScaleTrainedLinear(nn.Module):
         return QuantizedWeight(q.codes, self.scale.detach().clone(), q.zero, q.bits, q.group_size, q.symmetric)
 
 
-def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
-    """Σ over rows of KL(p ‖ q) at temperature T, × T²."""
-    log_p = F.log_softmax(teacher_logits.float() / T, dim=-1)
-    log_q = F.log_softmax(student_logits.float() / T, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum() * T * T
-
-
 def _head_weight(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The head's (vocabulary, hidden) weight and bias as tensors of the autograd graph: a quantized
     head's weight is built from its codes and its trainable scales."""
@@ -104,6 +97,14 @@ def _head_weight(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(head, nn.Linear):
         return head.weight, head.bias
     raise TypeError(f"distill: the output head is a {type(head).__name__}, not a linear layer")
+
+
+def _logits(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, cap: float | None) -> torch.Tensor:
+    """float32 c(x Wᵀ + b), the GEMM in x's and W's dtype; c: the soft-cap cap·tanh(u/cap), if any."""
+    z = (x @ W.T).float()
+    if b is not None:
+        z += b
+    return z if cap is None else torch.tanh(z / cap) * cap
 
 
 class _HeadKL(torch.autograd.Function):
@@ -125,13 +126,9 @@ class _HeadKL(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float64)
         for i in range(0, h.shape[0], chunk):
             hc = h[i : i + chunk].detach().to(dtype)
-            z = (hc @ Wd.T).float()
-            if bias is not None:
-                z += bias
-            if cap is not None:
-                z = torch.tanh(z / cap) * cap
+            z = _logits(hc, Wd, bias, cap)
             log_q = F.log_softmax(z / T, dim=-1)
-            log_p = F.log_softmax(teacher_logits(i, i + chunk).float() / T, dim=-1)
+            log_p = F.log_softmax(teacher_logits(i, i + chunk) / T, dim=-1)
             p = log_p.exp()
             total += float((p * (log_p - log_q)).sum()) * T * T
             g = (log_q.exp() - p) * T
@@ -159,12 +156,11 @@ def chunked_kl(student_head: nn.Module, teacher_head: nn.Module, s_h: torch.Tens
     `chunk` tokens at a time (`_HeadKL`); `cap`, `teacher_cap`: each model's final logit soft-cap."""
     s_h, t_h = s_h.reshape(-1, s_h.shape[-1]), t_h.reshape(-1, t_h.shape[-1])
     W, b = _head_weight(student_head)
-    Wt, bt = (t.detach().to(dtype) if t is not None else None for t in _head_weight(teacher_head))
+    Wt, bt = _head_weight(teacher_head)
+    Wt, bt = Wt.detach().to(dtype), None if bt is None else bt.detach().float()
 
     def teacher_logits(i: int, j: int) -> torch.Tensor:
-        z = (t_h[i:j].detach().to(dtype) @ Wt.T).float()
-        z = z if bt is None else z + bt.float()
-        return z if teacher_cap is None else torch.tanh(z / teacher_cap) * teacher_cap
+        return _logits(t_h[i:j].detach().to(dtype), Wt, bt, teacher_cap)
 
     with torch.autocast("cpu", enabled=False):
         return _HeadKL.apply(s_h, W, b, teacher_logits, T, cap, chunk, dtype) / s_h.shape[0]
@@ -182,10 +178,10 @@ class _HeadsOff:
         self.caps = [getattr(model.config, "final_logit_softcapping", None) for model in models]
 
     def __enter__(self) -> "_HeadsOff":
-        for model, name in zip(self.models, self.names):
+        for model, name, cap in zip(self.models, self.names, self.caps):
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, nn.Identity())
-            if getattr(model.config, "final_logit_softcapping", None) is not None:
+            if cap is not None:
                 model.config.final_logit_softcapping = None
         return self
 
