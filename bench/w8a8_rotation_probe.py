@@ -15,6 +15,8 @@ smoothing and no GPTQ, so that only the variants differ:
                      per-token quantization (QuaRot/SpinQuant's online R4 on down_proj)
   down_rot_hadamard  the same with R = Q ⊗ H (H a Walsh–Hadamard block of the largest power of two
                      dividing the width, Q a random orthogonal matrix for the rest): cheap to apply
+  down_rot_rhadamard the same with seeded random sign flips before it (QuaRot's randomized Hadamard)
+                     (a number after a rotation's name is its seed: down_rot_random3; default 0)
   down_keepK         down_proj's K input channels of largest max |x| on calibration text (the recipe's
                      calibration source, --calib-samples × --seq-len tokens) stay float and leave the
                      per-token scale; the rest is int8 (QUIK/LLM.int8()'s outlier split, with the
@@ -92,10 +94,17 @@ def random_orthogonal(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def rotation(n: int, kind: str) -> torch.Tensor:
-    if kind == "random":
-        return random_orthogonal(n)
+    """`kind` random, hadamard or rhadamard, with an optional seed after it (random3: seed 3)."""
+    name = kind.rstrip("0123456789")
+    seed = int(kind[len(name):] or 0)
     k = n & -n  # largest power of two dividing n
-    return torch.kron(random_orthogonal(n // k), walsh_hadamard(k))
+    if name == "random":
+        return random_orthogonal(n, seed)
+    R = torch.kron(random_orthogonal(n // k, seed), walsh_hadamard(k))
+    if name == "rhadamard":  # QuaRot's randomized Hadamard: seeded sign flips, then the Hadamard block
+        signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)) * 2.0 - 1
+        R = signs[:, None] * R
+    return R
 
 
 def down_input_absmax(model_path: Path, calib) -> dict[str, torch.Tensor]:
