@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from kiln.arch import module_name
 from kiln.compress.base import ActScheme, StageConfig
 from kiln.compress.quant import QuantizedWeight, group_index
 
@@ -173,22 +174,20 @@ class _HeadsOff:
 
     def __init__(self, *models: nn.Module):
         self.models = models
-        self.names = [next(n for n, m in model.named_modules() if m is model.get_output_embeddings()) for model in models]
+        self.names = [module_name(model, model.get_output_embeddings()) for model in models]
         self.heads = [model.get_submodule(n) for model, n in zip(models, self.names)]
         self.caps = [getattr(model.config, "final_logit_softcapping", None) for model in models]
 
     def __enter__(self) -> "_HeadsOff":
         for model, name, cap in zip(self.models, self.names, self.caps):
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, nn.Identity())
+            model.set_submodule(name, nn.Identity())
             if cap is not None:
                 model.config.final_logit_softcapping = None
         return self
 
     def __exit__(self, *exc) -> None:
         for model, name, head, cap in zip(self.models, self.names, self.heads, self.caps):
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, head)
+            model.set_submodule(name, head)
             if cap is not None:
                 model.config.final_logit_softcapping = cap
 
@@ -244,9 +243,8 @@ def run_distill(plan, store, cfg: DistillConfig, targets: list[str], calib: torc
         mod = student.get_submodule(name)
         q = store.quantized(name + ".weight")
         if q is not None:
-            parent, _, leaf = name.rpartition(".")
             new = ScaleTrainedLinear(q, mod.bias)
-            setattr(student.get_submodule(parent), leaf, new)
+            student.set_submodule(name, new)
             scale_modules[name] = new
             scales.append(new.scale)
         elif name in sparse:
