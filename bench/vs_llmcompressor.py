@@ -6,7 +6,7 @@ SmolLM2-135M (hidden 576 = 9 × 64) and 128 on Gemma-3-270M (hidden 640 = 5 × 1
 environment, with llm-compressor installed in its own (its pins conflict with ours):
 
     python bench/vs_llmcompressor.py [--model smollm2|gemma3] [--methods gptq_w4a16,awq_w4a16,...]
-        [--samples 64] [--seq-len 512] [--windows 16] [--workdir /tmp/kiln-vs-llmc] [--kiln-sq-alpha 0.5]
+        [--samples 64] [--seq-len 512] [--windows 16] [--workdir /tmp/kiln-vs-llmc] [--kiln-sq-alpha 0.5] [--kiln-rotation hadamard]
         [--llmc-python /work/venv-llmc/bin/python] [--kiln-low-memory]
 
 Per method:
@@ -64,7 +64,7 @@ def _alpha(text: str) -> float | str:
     return text if text == "auto" else float(text)
 
 
-def kiln_stages(method: str, g: int, sq_alpha: float | str = SMOOTHING_STRENGTH) -> list[dict]:
+def kiln_stages(method: str, g: int, sq_alpha: float | str = SMOOTHING_STRENGTH, rotation: str = "none") -> list[dict]:
     if method == "gptq_w4a16":
         return [{"kind": "gptq", "scheme": {"bits": 4, "group_size": g, "symmetric": True, "symmetric_range": "full"}, "act_order": True,
                  "block_size": 128, "damp": 0.01}]
@@ -74,7 +74,7 @@ def kiln_stages(method: str, g: int, sq_alpha: float | str = SMOOTHING_STRENGTH)
     if method == "sq_gptq_w8a8":
         return [{"kind": "smoothquant", "alpha": sq_alpha},
                 {"kind": "gptq", "scheme": {"bits": 8, "group_size": None, "symmetric": True, "symmetric_range": "full"},
-                 "activations": {"bits": 8}, "act_order": True}]
+                 "activations": {"bits": 8, **({"rotation": rotation} if rotation != "none" else {})}, "act_order": True}]
     if method == "sparsegpt_50":
         return [{"kind": "sparsegpt", "sparsity": 0.5}]
     if method == "sparsegpt_24":
@@ -400,7 +400,7 @@ def run_kiln(method: str, args, model_source, g: int, prep: dict, env: dict) -> 
         "name": f"vs-llmc-{args.model}-{method}",
         "model": {"source": model_source},
         "data": {"calibration": c, "evaluation": [{**EVALUATION, "windows": args.windows, "seq_len": args.eval_seq_len}]},
-        "compress": kiln_stages(method, g, args.kiln_sq_alpha),
+        "compress": kiln_stages(method, g, args.kiln_sq_alpha, args.kiln_rotation),
         "evaluate": {"perplexity": True, "reference_rtn": False},
         "output": {"format": "compressed-tensors", "dtype": "float16"},
     }
@@ -600,6 +600,8 @@ def footnotes(args, prep: dict, g: int, results: dict) -> list[str]:
          if args.kiln_sq_alpha == SMOOTHING_STRENGTH else
          f"SmoothQuant smoothing strength: llm-compressor α = {SMOOTHING_STRENGTH}, kiln alpha {args.kiln_sq_alpha} "
          "(--kiln-sq-alpha). ")
+        + ("kiln's W8A8 linears rotate their inputs online (activations.rotation: hadamard, --kiln-rotation; "
+           "llm-compressor's side has no rotation). " if args.kiln_rotation != "none" else "")
         + "GPTQ: actorder static / act_order, block 128, dampening 0.01 for both; symmetric grids are compressed-tensors' max|w| / (2^(b-1) - 1/2) in both (kiln: symmetric_range full).",
         "† W8A8 activations: kiln evaluates with real dynamic per-token int8 activations (int8 GEMM). "
         "transformers' run_compressed=False / dequantize=True load only dequantizes the weights; "
@@ -706,6 +708,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kiln-sq-alpha", type=_alpha, default=SMOOTHING_STRENGTH,
                     help=f"kiln's SmoothQuant alpha, a number or auto (llm-compressor keeps {SMOOTHING_STRENGTH})")
+    ap.add_argument("--kiln-rotation", choices=("none", "hadamard"), default="none",
+                    help="kiln's W8A8 activations.rotation (hadamard: online block Walsh–Hadamard before int8)")
     ap.add_argument("--kiln-timing", choices=("compress", "whole"), default="compress",
                     help="time kiln's compress-only run (default, the same work as llm-compressor's child) "
                          "or its whole run including perplexity evaluation")

@@ -179,15 +179,20 @@ def test_onnxruntime_genai_generates_our_tokens_from_a_shared_cache(arch, tiny_m
 def _quantized_store(model_dir, tmp_path, bits, group_size, symmetric, w8a8=False, bits_of=None):
     """Every linear but the head RTN-quantized; `bits_of` (module → bits) overrides the width."""
     from kiln.arch import is_linear, is_transposed, weight_matrix
+    from kiln.compress.base import ActScheme
     from kiln.compress.quant import QuantScheme, rtn_quantize
+    from kiln.compress.rotation import hadamard_block, rotate
     from kiln.model import WeightStore, build_skeleton, materialize, save_overlay
 
     model = build_skeleton(model_dir)
     store = WeightStore(model_dir)
     materialize(model, "", store)
-    act = QuantScheme(bits=8, group_size=None) if w8a8 else None
+    act = ActScheme(bits=8, rotation=w8a8 if isinstance(w8a8, str) else "none") if w8a8 else None
     bits_of = bits_of or {}
-    q = {f"{n}.weight": (rtn_quantize(weight_matrix(m), QuantScheme(bits=bits_of.get(n, bits), group_size=group_size, symmetric=symmetric)),
+    def stored(W):  # a rotated W8A8 layer stores W R
+        return rotate(W, hadamard_block(W.shape[1])) if act is not None and act.rotated else W
+
+    q = {f"{n}.weight": (rtn_quantize(stored(weight_matrix(m)), QuantScheme(bits=bits_of.get(n, bits), group_size=group_size, symmetric=symmetric)),
                          is_transposed(m), act)
          for n, m in model.named_modules() if is_linear(m) and n not in ("lm_head",)}
     save_overlay(tmp_path / "q.safetensors", {}, q)
@@ -198,6 +203,7 @@ def _quantized_store(model_dir, tmp_path, bits, group_size, symmetric, w8a8=Fals
     ("llama", 4, 32, True, False), ("qwen2", 4, 32, False, False), ("mistral", 8, 16, False, False),
     ("gemma3_text", 4, None, True, False), ("gpt2", 4, 32, False, False), ("opt", 2, 32, False, False),
     ("llama", 8, None, True, True), ("opt", 8, None, True, True),
+    ("llama", 8, None, True, "hadamard"), ("gemma3_text", 8, None, True, "hadamard"), ("gpt2", 8, None, True, "hadamard"),
 ])
 def test_quantized_export_carries_our_grid(arch, bits, group_size, symmetric, w8a8, tiny_models, tmp_path):
     """Our codes, scales and zero points go into MatMulNBits (or int8 MatMulInteger for W8A8) as they
@@ -215,7 +221,8 @@ def test_quantized_export_carries_our_grid(arch, bits, group_size, symmetric, w8
         assert ops["MatMulInteger"] == len(kinds)
     else:
         assert ops["com.microsoft.MatMulNBits"] == len(kinds)
-    assert ops.get("MatMul", 0) == 0  # no float copy of any quantized weight
+    # no float copy of any quantized weight; a rotated product's inputs take two small MatMuls
+    assert ops.get("MatMul", 0) == (2 * len(kinds) if w8a8 == "hadamard" else 0)
     ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = load_full(d, store)(ids).logits.numpy()

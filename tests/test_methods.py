@@ -21,6 +21,8 @@ METHODS = {
     "awq-rtn": [{"kind": "awq", "scheme": W4_ASYM}, {"kind": "rtn", "scheme": W4_ASYM}],
     "awq-gptq": [{"kind": "awq", "scheme": W4}, {"kind": "gptq", "scheme": W4}],
     "smoothquant-gptq-w8a8": [{"kind": "smoothquant", "alpha": 0.5}, {"kind": "gptq", "scheme": W8, "activations": {"bits": 8}}],
+    "smoothquant-gptq-w8a8-hadamard": [{"kind": "smoothquant", "alpha": 0.5},
+                                       {"kind": "gptq", "scheme": W8, "activations": {"bits": 8, "rotation": "hadamard"}}],
     "sparsegpt-gptq-distill": [{"kind": "sparsegpt", "sparsity": 0.5, "block_size": 16}, {"kind": "gptq", "scheme": W4},
                                {"kind": "distill", "teacher": "original", "steps": 6, "batch_size": 2, "lr": 1e-3, "scale_lr": 1e-3,
                                 "lr_schedule": "cosine", "warmup_steps": 1, "hidden_weight": 1.0, "hidden_layers": "all"}],
@@ -70,6 +72,20 @@ def test_method_end_to_end(arch, method, tiny_models, tmp_path):
             cfg = json.loads((tmp_path / "run" / "artifact" / "config.json").read_text())["quantization_config"]
             assert cfg["format"] == "int-quantized"
             assert all(g["input_activations"]["strategy"] == "token" for g in cfg["config_groups"].values())
+            if method.endswith("hadamard"):  # every W8A8 linear is named by a hadamard transform on its input
+                rotated = [t for sch in cfg["transform_config"]["config_groups"].values() for a in sch["apply"]
+                           for t in a["targets"] if sch["type"] == "hadamard" and a["location"] == "input"]
+                assert sorted(rotated) == sorted(q)
+        if method.endswith("hadamard"):
+            assert all(v["rotation"] == "hadamard" for v in q.values())
+            # the artifact loads back as the float function of x: W R's codes un-rotated
+            from kiln.model import WeightStore, load_full
+
+            ref = load_full(tiny_models(arch), WeightStore(tiny_models(arch)))
+            ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                a, b = ref(ids).logits, model(ids).logits
+            assert float((a - b).norm() / a.norm()) < 0.05
     if method.endswith("distill"):
         curve = manifest["stages"][-1]["result"]["loss_curve"]
         assert len(curve) == 6 and all(c >= 0 for c in curve)
@@ -444,6 +460,10 @@ def test_hidden_loss_over_all_blocks_weighs_each_depth_by_its_own_scale():
     ([{"kind": "awq", "scheme": W4}], ["only rescales", "add an rtn or gptq stage"]),
     ([{"kind": "awq", "scheme": W4_ASYM}, {"kind": "gptq", "scheme": W4}], ["searched its scales for"]),
     ([{"kind": "smoothquant"}, {"kind": "gptq", "scheme": W4, "activations": {"bits": 8}}], ["int8 activations need"]),
+    ([{"kind": "sparsegpt"}, {"kind": "gptq", "scheme": W8, "activations": {"bits": 8, "rotation": "hadamard"}}],
+     ["compress[1] (gptq)", "none of the zeros compress[0] (sparsegpt) pruned"]),
+    ([{"kind": "gptq", "scheme": W8, "activations": {"bits": 8, "rotation": "hadamard"}},
+      {"kind": "distill", "teacher": "original", "steps": 2}], ["compress[1] (distill) cannot train", "stored it rotated"]),
 ])
 def test_conflicting_combinations(tiny_models, tmp_path, stages, needles):
     _fails(tmp_path, method_recipe(tiny_models("llama"), stages, "llama"), 3, *needles)

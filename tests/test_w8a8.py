@@ -132,3 +132,67 @@ def test_int_mm_shape_rules():
     x = torch.zeros(4, 12, dtype=torch.int8)
     w = torch.zeros(8, 12, dtype=torch.int8)
     assert w8a8._int_mm_supported(x, w) is False  # CPU: the exact float32 path is far faster
+
+
+# --- online Hadamard rotation -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width,block", [(640, 128), (576, 64), (2048, 2048), (1536, 512), (96, 32)])
+def test_rotate_is_the_block_hadamard_matrix(width, block):
+    """The factorized rotation equals x (I ⊗ H_block) with H the scaled Sylvester matrix, keeps norms
+    (orthogonal), and undoes itself (H symmetric and orthogonal: R R = I)."""
+    from kiln.compress.rotation import hadamard_block, rotate, rotate_hessian, sylvester
+
+    assert hadamard_block(width) == block
+    H = sylvester(block, torch.float64)
+    assert torch.allclose(H @ H, torch.eye(block, dtype=torch.float64), atol=1e-12)
+    R = torch.kron(torch.eye(width // block, dtype=torch.float64), H)
+    x = torch.randn(3, 5, width, dtype=torch.float64, generator=torch.Generator().manual_seed(width))
+    assert torch.allclose(rotate(x, block), x @ R, atol=1e-10)
+    assert torch.allclose(rotate(rotate(x, block), block), x, atol=1e-10)
+    assert torch.allclose(rotate(x, block).norm(dim=-1), x.norm(dim=-1), rtol=1e-12)
+    X = x.reshape(-1, width)
+    assert torch.allclose(rotate_hessian(X.T @ X, block), (X @ R).T @ (X @ R), atol=1e-9)
+
+
+def test_rotate_matches_compressed_tensors_hadamard_transform():
+    """The artifact's transform_config says `hadamard` with head_dim k: compressed-tensors' own
+    transform must compute the same x R as kiln."""
+    from compressed_tensors.transform import HadamardFactory, TransformArgs, TransformScheme
+
+    from kiln.compress.rotation import rotate
+
+    scheme = TransformScheme(type="hadamard", head_dim=128, apply=[TransformArgs(targets=["Linear"], location="input")])
+    transform = HadamardFactory("h", scheme).create_transform(torch.nn.Linear(640, 8), scheme.apply[0])
+    x = torch.randn(4, 640, generator=torch.Generator().manual_seed(1))
+    assert rel_err(rotate(x, 128), transform(x)) < 1e-5
+
+
+def test_rotated_w8a8_linear_computes_x_w_and_beats_unrotated_on_outlier_tokens():
+    """With codes of W R and inputs rotated before the per-token int8, the layer still computes x Wᵀ;
+    on tokens whose energy sits in a few channels (what per-token int8 handles worst) the rotation
+    must cut the error, not just keep it."""
+    from kiln.compress.rotation import rotate
+
+    lin, q = quantized_linear(out=48, inp=128, bias=True, seed=3)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 16, 128, generator=g) * 0.1
+    x[..., [5, 77]] *= 400.0  # two outlier channels, ~100× the rest as in LLM activations
+    plain = W8A8Linear.from_quantized(q.codes, q.scale, lin.bias.data)
+    qr = rtn_quantize(rotate(lin.weight.data, 128), W8)
+    rotated = W8A8Linear.from_quantized(qr.codes, qr.scale, lin.bias.data, rotation=128)
+    assert "rotation=hadamard128" in repr(rotated)
+    with torch.no_grad():
+        ref = lin(x)
+    err_plain, err_rot = rel_err(ref, plain(x)), rel_err(ref, rotated(x))
+    assert err_rot < 0.5 * err_plain, (err_plain, err_rot)
+    assert sqnr_db(ref, rotated(x)) > 30
+
+
+def test_rotation_block_too_small_is_a_plan_problem():
+    from kiln.compress.gptq import GPTQConfig
+    from kiln.pipeline import _shape_problems
+
+    stage = GPTQConfig(scheme=W8, activations={"bits": 8, "rotation": "hadamard"})
+    problems = _shape_problems(stage, ["a.proj", "b.proj"], {"a.proj": {"in_features": 72}, "b.proj": {"in_features": 96}})
+    assert len(problems) == 1 and problems[0].startswith("a.proj:") and "8 for its 72" in problems[0]

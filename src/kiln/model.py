@@ -193,8 +193,11 @@ def save_overlay(path: Path, tensors: dict[str, torch.Tensor], quantized: dict[s
         out[name + ".qcodes"] = q.codes.contiguous()
         out[name + ".qscale"] = q.scale.float().contiguous()
         out[name + ".qzero"] = q.zero.contiguous()
+        a = act[0] if act else None
         meta[name] = {"bits": q.bits, "group_size": q.group_size, "symmetric": q.symmetric, "transposed": transposed,
-                      "activation_bits": act[0].bits if act and act[0] is not None else None}
+                      "activation_bits": a.bits if a is not None else None}
+        if a is not None and a.rotated:
+            meta[name]["rotation"] = a.rotation
     save_file(out, str(path), metadata={"kiln_quant": json.dumps(meta)})
 
 
@@ -352,18 +355,21 @@ def load_full(model_dir: Path, store: WeightStore, trust_remote_code: bool = Fal
     for name in store.keys():
         info = store.quant_info(name)
         if info and info.get("activation_bits"):
-            swap_w8a8(model, name.removesuffix(".weight"), store.quantized(name))
+            swap_w8a8(model, name.removesuffix(".weight"), store.quantized(name), info.get("rotation", "none"))
     return model
 
 
-def swap_w8a8(model: nn.Module, module_name: str, q: QuantizedWeight) -> nn.Module:
-    """Replace a linear by its W8A8 form (int8 per-channel weights, dynamic per-token int8 inputs);
-    returns the module it replaced."""
+def swap_w8a8(model: nn.Module, module_name: str, q: QuantizedWeight, rotation: str = "none") -> nn.Module:
+    """Replace a linear by its W8A8 form (int8 per-channel weights, dynamic per-token int8 inputs,
+    rotated first when `rotation` is 'hadamard': then q holds W R's codes); returns the module it replaced."""
+    from kiln.compress.rotation import hadamard_block
     from kiln.compress.w8a8 import W8A8Linear
 
     parent, _, leaf = module_name.rpartition(".")
     owner = model.get_submodule(parent)
     old = getattr(owner, leaf)
     bias = getattr(old, "bias", None)
-    setattr(owner, leaf, W8A8Linear.from_quantized(q.codes, q.scale, None if bias is None else bias.detach()))
+    block = hadamard_block(q.codes.shape[1]) if rotation != "none" else None
+    setattr(owner, leaf, W8A8Linear.from_quantized(q.codes, q.scale, None if bias is None else bias.detach(),
+                                                   rotation=block))
     return old

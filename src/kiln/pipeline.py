@@ -89,6 +89,14 @@ def _check_composition(where: str, module: str, stage, earlier: list[tuple[int, 
         if prev.sparsifies and stage.sparsifies:
             raise RecipeError(f"{where} ({stage.kind}): {module} was already pruned by compress[{k}]",
                               hint="prune each layer once")
+        if prev.sparsifies and _rotates(stage):
+            raise RecipeError(f"{where} ({stage.kind}): rotation: hadamard would quantize {module} as W·R, which "
+                              f"has none of the zeros compress[{k}] ({prev.kind}) pruned into W",
+                              hint="drop activations.rotation on pruned layers (ignore: them in this stage)")
+        if _rotates(prev) and stage.role == "training":
+            raise RecipeError(f"{where} ({stage.kind}) cannot train {module}: compress[{k}] stored it rotated "
+                              "(activations.rotation: hadamard), which distillation does not model",
+                              hint="distill before the rotated W8A8 stage, or drop its rotation")
     smoothing = [(k, p) for k, p in earlier if p.role == "smoothing"]
     if smoothing and stage.quantizes:
         k, prev = smoothing[-1]
@@ -97,6 +105,11 @@ def _check_composition(where: str, module: str, stage, earlier: list[tuple[int, 
             raise RecipeError(f"{where}: {module} is quantized with {stage.quant_scheme.label()} but compress[{k}] "
                               f"({prev.kind}) searched its scales for {searched.label()}",
                               hint="use the same scheme in both stages")
+
+
+def _rotates(stage) -> bool:
+    act = stage.act_scheme
+    return act is not None and act.rotated
 
 
 def _check_head(where: str, stage, head: str) -> None:
@@ -122,6 +135,13 @@ def _shape_problems(stage, targets: list[str], linears: dict[str, dict]) -> list
     if act is not None and (s.bits != 8 or s.group_size is not None or not s.symmetric):
         out.append(f"activations: int8 activations need int8 symmetric per-channel weights "
                    f"(scheme: {{bits: 8, group_size: null, symmetric: true}}), got {s.label()}")
+    if act is not None and act.rotated:
+        from kiln.compress.rotation import MIN_BLOCK, hadamard_block
+
+        out += [f"{t}: activations.rotation: hadamard rotates blocks of the largest power of two dividing "
+                f"in_features, {hadamard_block(linears[t]['in_features'])} for its {linears[t]['in_features']} "
+                f"(at least {MIN_BLOCK} needed); ignore this layer in the stage or drop the rotation"
+                for t in targets if hadamard_block(linears[t]["in_features"]) < MIN_BLOCK]
     return out
 
 
@@ -252,6 +272,8 @@ def make_plan(recipe: Recipe, model: ResolvedModel) -> Plan:
                 plan.quantized[t] = {"bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric,
                                      "transposed": info["transposed"], "stage": k,
                                      "activation_bits": act.bits if act is not None else None}
+                if act is not None and act.rotated:
+                    plan.quantized[t]["rotation"] = act.rotation
                 problems += [f"{where}: {p}" for p in format_problems(recipe.output.format, t, info["in_features"],
                                                                         s.group_size, info["transposed"])]
         shapes += [f"{where}: {p}" for p in _shape_problems(stage, targets, linears)]

@@ -48,6 +48,22 @@ def _ct_config(groups: dict[tuple, list[str]], ignore: list[str]) -> dict:
     return cfg.model_dump(mode="json", exclude_none=True)
 
 
+def _ct_transforms(rotated: dict[str, int]) -> dict:
+    """compressed-tensors' transform_config for W8A8 layers stored rotated: their weights are W R
+    already, their inputs take R online, R = I ⊗ H_k (the `hadamard` transform with head_dim k)."""
+    from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
+
+    from kiln.compress.rotation import hadamard_block
+
+    by_block: dict[int, list[str]] = {}
+    for m, width in rotated.items():
+        by_block.setdefault(hadamard_block(width), []).append(m)
+    schemes = {f"hadamard_{k}": TransformScheme(type="hadamard", head_dim=k,
+                                                apply=[TransformArgs(targets=sorted(ms), location="input")])
+               for k, ms in sorted(by_block.items())}
+    return TransformConfig(config_groups=schemes).model_dump(mode="json", exclude_none=True)
+
+
 def _ct_sparsity(sparse: dict[str, str], store) -> dict:
     """Pruned layers are stored dense (zeros written out); the config records where and how."""
     from compressed_tensors.config import SparsityCompressionConfig
@@ -168,6 +184,10 @@ def build_checkpoint(root: Path, model_dir: Path, store, quantized: dict[str, di
         cfg["tie_word_embeddings"] = False
     if fmt is OutputFormat.compressed_tensors and groups:
         cfg["quantization_config"] = _ct_config(groups, ignore=[head] if head and head not in quantized else [])
+        rotated = {m: store.quantized(m + ".weight").codes.shape[1] for g in groups.values() for m in g
+                   if quantized[m].get("rotation", "none") != "none"}
+        if rotated:
+            cfg["quantization_config"]["transform_config"] = _ct_transforms(rotated)
     if fmt is OutputFormat.compressed_tensors and sparse:
         cfg.setdefault("quantization_config", {"quant_method": "compressed-tensors"})["sparsity_config"] = _ct_sparsity(sparse, store)
     (root / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -278,12 +298,18 @@ def _ct_modules(cfg: dict) -> dict[str, dict]:
     """Each quantized module's grid from compressed-tensors' quantization_config (kiln writes exact
     module names as targets), in the form kiln_quantization.json uses."""
     out = {}
-    for group in (cfg.get("quantization_config") or {}).get("config_groups", {}).values():
+    qcfg = cfg.get("quantization_config") or {}
+    for group in qcfg.get("config_groups", {}).values():
         w = group["weights"]
         for t in group["targets"]:
             out[t] = {"bits": w["num_bits"], "group_size": w.get("group_size") if w.get("strategy") == "group" else None,
                       "symmetric": w["symmetric"], "transposed": False,
                       "activation_bits": (group.get("input_activations") or {}).get("num_bits")}
+    for scheme in (qcfg.get("transform_config") or {}).get("config_groups", {}).values():
+        for args in scheme["apply"]:
+            for t in args["targets"]:
+                if t in out and args["location"] == "input":
+                    out[t]["rotation"] = scheme["type"]
     return out
 
 
@@ -296,6 +322,7 @@ def load_model(root: Path, verify_digests: bool = True):
     from safetensors import safe_open
 
     from kiln.compress.quant import dequantize
+    from kiln.compress.rotation import hadamard_block, rotate
     from kiln.model import build_skeleton, tied_aliases
 
     root = Path(root)
@@ -314,6 +341,8 @@ def load_model(root: Path, verify_digests: bool = True):
         scale = raw[f"{m}.weight_scale"].float()
         if meta.get("activation_bits"):
             W = raw[f"{m}.weight"].float() * scale
+            if meta.get("rotation", "none") != "none":  # stored as W R; R R = I
+                W = rotate(W, hadamard_block(W.shape[1]))
             state[f"{m}.weight"] = W.T.contiguous() if meta["transposed"] else W
             continue
         out_f, in_f = raw[f"{m}.weight_shape"].tolist()

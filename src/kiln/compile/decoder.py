@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kiln.compile.graph import MS, Graph
+from kiln.compress.rotation import hadamard_block
 from kiln.compile.weights import NBitsWeight, concat_nbits, to_matmul_nbits
 from kiln.errors import RecipeError
 
@@ -139,6 +140,7 @@ class LinearW:
     K: int
     weight: object  # float: (N, K) ndarray; nbits: NBitsWeight; int8: (int8 (N, K), scale (N,))
     bias: np.ndarray | None
+    rotation: int | None = None  # int8 only: Hadamard block; the codes are W R's, x R is quantized
 
 
 def _np(t) -> np.ndarray:
@@ -159,7 +161,8 @@ def load_linear(store, module: str, transposed: bool, max_block: int = 256) -> L
     N, K = codes.shape
     if info.get("activation_bits"):
         w_int8 = (codes.astype(np.int16) - 128).astype(np.int8)
-        return LinearW("int8", N, K, (w_int8, _np(scale).reshape(-1)), bias)
+        block = hadamard_block(K) if info.get("rotation", "none") != "none" else None
+        return LinearW("int8", N, K, (w_int8, _np(scale).reshape(-1)), bias, block)
     nb = to_matmul_nbits(codes, _np(scale), zero, q.bits, q.group_size, q.symmetric, module=module, max_block=max_block)
     return LinearW("nbits", N, K, nb, bias)
 
@@ -169,6 +172,8 @@ def concat_linears(parts: list[LinearW]) -> LinearW | None:
     representation; None when they do not."""
     kinds = {p.kind for p in parts}
     if len(kinds) != 1 or len({p.K for p in parts}) != 1 or not kinds <= {"float", "int8", "nbits"}:
+        return None
+    if len({p.rotation for p in parts}) != 1:
         return None
     kind = kinds.pop()
     has_bias = [p.bias is not None for p in parts]
@@ -181,7 +186,7 @@ def concat_linears(parts: list[LinearW]) -> LinearW | None:
         return LinearW(kind, N, parts[0].K, np.concatenate([p.weight for p in parts]), bias)
     if kind == "int8":
         return LinearW(kind, N, parts[0].K, (np.concatenate([p.weight[0] for p in parts]),
-                                             np.concatenate([p.weight[1] for p in parts])), bias)
+                                             np.concatenate([p.weight[1] for p in parts])), bias, parts[0].rotation)
     try:
         return LinearW(kind, N, parts[0].K, concat_nbits([p.weight for p in parts]), bias)
     except ValueError:
@@ -254,6 +259,8 @@ class DecoderBuilder:
         g = self.g
         w_int8, w_scale = lw.weight
         xf = g.op("Cast", [x], to=TensorProto.FLOAT) if self.opts.dtype == "float16" else x
+        if lw.rotation:
+            xf = self._hadamard(xf, lw.K, lw.rotation, name)
         amax = g.op("ReduceMax", [g.op("Abs", [xf]), g.const([-1])], keepdims=1, name=name + "/amax")
         sx = g.op("Div", [amax, g.const(127.0, np.float32)])
         sx = g.op("Where", [g.op("Greater", [sx, g.const(0.0, np.float32)]), sx, g.const(1.0, np.float32)])
@@ -265,6 +272,18 @@ class DecoderBuilder:
         y = g.op("Mul", [g.op("Cast", [acc], to=TensorProto.FLOAT), sx])
         y = g.op("Mul", [y, g.init(name + ".weight_scale", w_scale.astype(np.float32))], name=name + "/Scale")
         return g.op("Cast", [y], to=self.elem) if self.opts.dtype == "float16" else y
+
+    def _hadamard(self, x: str, K: int, block: int, name: str) -> str:
+        """x R with R = I ⊗ H_block, as kiln.compress.rotation.rotate computes it: each block viewed as
+        an a × b matrix X becomes H_a X H_b (two small MatMuls, float32)."""
+        from kiln.compress.rotation import factors, sylvester
+
+        g = self.g
+        a, b = factors(block)
+        X = g.op("Reshape", [x, g.const([0, 0, K // block, a, b])], name=name + "/RotationBlocks")
+        X = g.op("MatMul", [X, g.const(sylvester(b).numpy(), np.float32)], name=name + "/RotationRight")
+        X = g.op("MatMul", [g.const(sylvester(a).numpy(), np.float32), X], name=name + "/RotationLeft")
+        return g.op("Reshape", [X, g.const([0, 0, K])], name=name + "/Rotated")
 
     def load(self, module: str, transposed: bool | None = None) -> LinearW:
         return load_linear(self.store, module, self.transposed if transposed is None else transposed, self.opts.max_block)

@@ -20,6 +20,13 @@ class ActScheme(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     bits: Literal[8] = 8
+    rotation: Literal["none", "hadamard"] = Field(
+        "none", description="'hadamard': rotate each token's inputs by a block Walsh–Hadamard matrix before "
+        "quantizing them, and the weights by the same matrix (QuaRot's online rotation; kiln.compress.rotation)")
+
+    @property
+    def rotated(self) -> bool:
+        return self.rotation != "none"
 
 
 class StageConfig(BaseModel):

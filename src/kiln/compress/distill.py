@@ -295,7 +295,8 @@ def run_distill(plan, store, cfg: DistillConfig, targets: list[str], calib: torc
     tensors, quantized = {}, {}
     for name, mod in scale_modules.items():
         info = store.quant_info(name + ".weight") or {}
-        act = ActScheme(bits=info["activation_bits"]) if info.get("activation_bits") else None
+        act = (ActScheme(bits=info["activation_bits"], rotation=info.get("rotation", "none"))
+               if info.get("activation_bits") else None)
         quantized[name + ".weight"] = (mod.quantized(), bool(info.get("transposed")), act)
     for name in masks:
         w = student.get_submodule(name).weight.detach()

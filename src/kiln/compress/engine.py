@@ -30,6 +30,7 @@ from torch import nn
 from kiln.arch import decoder_layout, in_out_features, is_transposed, module_name, set_weight_matrix, weight_matrix
 from kiln.compress.gptq import HessianNotPositiveDefinite
 from kiln.compress.hessian import HessianHooks
+from kiln.compress.rotation import hadamard_block, rotate, rotate_hessian
 from kiln.compress.spill import Spill
 from kiln.context import RunContext
 from kiln.errors import CompressionError
@@ -667,7 +668,7 @@ def _int8_inputs(model: nn.Module, quantized: dict[str, tuple]):
     swapped = {}
     for wname, (q, _transposed, act) in quantized.items():
         if act is not None:
-            swapped[wname.removesuffix(".weight")] = swap_w8a8(model, wname.removesuffix(".weight"), q)
+            swapped[wname.removesuffix(".weight")] = swap_w8a8(model, wname.removesuffix(".weight"), q, act.rotation)
     try:
         yield
     finally:
@@ -770,13 +771,18 @@ def _rewrite_linears(mods: list[nn.Module], names: list[str], H, stage, sparse, 
     t0 = time.perf_counter()
     Ws = [weight_matrix(m).float() for m in mods]
     keeps = [(W != 0) if n in sparse else None for W, n in zip(Ws, names)]
+    act = stage.act_scheme
+    block = hadamard_block(Ws[0].shape[1]) if act is not None and act.rotated else None
+    if block:  # quantize W R against the Hessian of x R (the plan keeps pruned layers out of this)
+        Ws = [rotate(W, block) for W in Ws]
+        H = None if H is None else rotate_hessian(H, block)
     try:
         results = stage.process_weights(Ws, H, names, keeps)
     except HessianNotPositiveDefinite as exc:
         raise CompressionError(str(exc), hint="add calibration samples, raise `damp`, or ignore this layer") from None
     seconds = round((time.perf_counter() - t0) / len(mods), 4)  # a joint call's time, shared out
     for mod, name, res in zip(mods, names, results):
-        set_weight_matrix(mod, res.weight)
+        set_weight_matrix(mod, rotate(res.weight, block) if block else res.weight)  # R R = I: back to x's basis
         if res.quantized is not None:
             quantized[name + ".weight"] = (res.quantized, is_transposed(mod), stage.act_scheme)
         out.modules[name] = {"seconds": seconds, **res.stats}

@@ -69,9 +69,10 @@ def int8_matmul(x_int8: torch.Tensor, w_int8: torch.Tensor) -> torch.Tensor:
 class W8A8Linear(nn.Module):
     """A linear with int8 per-channel weights and dynamic per-token int8 activations."""
 
-    def __init__(self, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, rotation: int | None = None):
         super().__init__()
         self.out_features, self.in_features = w_int8.shape
+        self.rotation = rotation  # Hadamard block: the codes are W R's, inputs become x R before quantizing
         self.register_buffer("weight", w_int8.to(torch.int8).contiguous())  # (out, in)
         self.register_buffer("w_scale", w_scale.reshape(-1).float().contiguous())  # (out,)
         self.register_buffer("bias", None if bias is None else bias.detach().reshape(-1).float().clone())
@@ -84,6 +85,7 @@ class W8A8Linear(nn.Module):
         bias: torch.Tensor | None,
         transposed: bool = False,
         zero: torch.Tensor | None = None,
+        rotation: int | None = None,
     ) -> W8A8Linear:
         """From kiln's 8-bit symmetric per-channel codes: uint8 in [0, 255] with zero 128, so
         w = (code − 128) · scale. `codes` are (out, in), or the module's stored layout (in, out) when
@@ -102,16 +104,22 @@ class W8A8Linear(nn.Module):
         if bias is not None and bias.numel() != out:
             raise ValueError(f"W8A8Linear: bias has {bias.numel()} entries for {out} output channels")
         w_int8 = (codes.to(torch.int16) - W_ZERO).to(torch.int8)
-        return cls(w_int8, scale, bias)
+        return cls(w_int8, scale, bias, rotation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        xq, xs = quantize_per_token(x.reshape(-1, self.in_features))
+        lead, dtype = x.shape[:-1], x.dtype
+        x = x.reshape(-1, self.in_features)
+        if self.rotation:
+            from kiln.compress.rotation import rotate
+
+            x = rotate(x.float(), self.rotation)
+        xq, xs = quantize_per_token(x)
         acc = int8_matmul(xq, self.weight)  # (T, out) int32
         y = acc.float() * xs * self.w_scale
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*lead, self.out_features).to(x.dtype)
+        return y.reshape(*lead, self.out_features).to(dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        rot = f", rotation=hadamard{self.rotation}" if self.rotation else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{rot}"
