@@ -242,7 +242,9 @@ def _print_manifest(m: dict, verified: bool) -> None:
     for name, e in ((m.get("data") or {}).get("evaluation") or {}).items():
         c.print(f"evaluation {name}: {e['source']} — {e['windows']}×{e['seq_len']} tokens ({e['disjoint_from_calibration']})")
     for s in m.get("stages", []):
-        c.print(f"compress[{s['index']}] {s['kind']} {s['config'].get('scheme', '')}: {len(s['modules'])} modules, "
+        acts = s["config"].get("activations")
+        acts = f" activations {acts}" if acts else ""
+        c.print(f"compress[{s['index']}] {s['kind']} {s['config'].get('scheme', '')}{acts}: {len(s['modules'])} modules, "
                 f"{s['wall_s']:.1f} s, peak RSS {_fmt_bytes(s['peak_rss_bytes'])}")
     if m.get("metrics"):
         c.print(_metrics_table(m["metrics"]))
