@@ -129,33 +129,40 @@ def rotation(n: int, kind: str) -> torch.Tensor:
     return R
 
 
-def ls_statistics(model_path: Path, calib, only_down: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(X̃ᵀX̃, X̃ᵀX) in float64 per linear (down_proj only, or every decoder linear), over the float
-    model's calibration forward, X̃ the per-token int8 rounding of the linear's input X."""
+def calibration_inputs(model_path: Path, calib, wanted, record) -> None:
+    """The float model's calibration forward, calling record(name, x) with the input rows x
+    (tokens, in) of every linear `wanted(name, module)` accepts."""
     from transformers import AutoModelForCausalLM
-
-    from kiln.compress.w8a8 import quantize_per_token
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     head = model.get_output_embeddings()
-    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hook(name):
-        def fn(m, a):
-            x = a[0].detach().reshape(-1, a[0].shape[-1]).double()
-            q, s = quantize_per_token(x.float())
-            xq = q.double() * s.double()
-            A, B = xq.T @ xq, xq.T @ x
-            stats[name] = (A, B) if name not in stats else (stats[name][0] + A, stats[name][1] + B)
-        return fn
+        return lambda m, a: record(name, a[0].detach().reshape(-1, a[0].shape[-1]))
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and m is not head and (not only_down or n.endswith("down_proj"))]
+               if isinstance(m, nn.Linear) and m is not head and wanted(n, m)]
     with torch.no_grad():
         for b in range(0, len(calib), 4):
             model(input_ids=calib[b : b + 4], use_cache=False)
     for h in handles:
         h.remove()
+
+
+def ls_statistics(model_path: Path, calib, only_down: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(X̃ᵀX̃, X̃ᵀX) in float64 per linear (down_proj only, or every decoder linear), over the float
+    model's calibration forward, X̃ the per-token int8 rounding of the linear's input X."""
+    from kiln.compress.w8a8 import quantize_per_token
+
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(name, x):
+        q, s = quantize_per_token(x)
+        x, xq = x.double(), q.double() * s.double()
+        A, B = xq.T @ xq, xq.T @ x
+        stats[name] = (A, B) if name not in stats else (stats[name][0] + A, stats[name][1] + B)
+
+    calibration_inputs(model_path, calib, lambda n, m: not only_down or n.endswith("down_proj"), record)
     return stats
 
 
@@ -168,23 +175,13 @@ def ls_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, damp: float) ->
 
 def down_input_absmax(model_path: Path, calib) -> dict[str, torch.Tensor]:
     """max |x| per input channel of every down_proj, over the float model's calibration forward."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     amax: dict[str, torch.Tensor] = {}
 
-    def hook(name):
-        def fn(m, a):
-            x = a[0].detach().reshape(-1, a[0].shape[-1]).abs().amax(0)
-            amax[name] = x if name not in amax else torch.maximum(amax[name], x)
-        return fn
+    def record(name, x):
+        x = x.abs().amax(0)
+        amax[name] = x if name not in amax else torch.maximum(amax[name], x)
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if n.endswith("down_proj")]
-    with torch.no_grad():
-        for b in range(0, len(calib), 4):
-            model(input_ids=calib[b : b + 4], use_cache=False)
-    for h in handles:
-        h.remove()
+    calibration_inputs(model_path, calib, lambda n, m: n.endswith("down_proj"), record)
     return amax
 
 
