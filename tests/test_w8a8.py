@@ -196,3 +196,25 @@ def test_rotation_block_too_small_is_a_plan_problem():
     stage = GPTQConfig(scheme=W8, activations={"bits": 8, "rotation": "hadamard"})
     problems = _shape_problems(stage, ["a.proj", "b.proj"], {"a.proj": {"in_features": 72}, "b.proj": {"in_features": 96}})
     assert len(problems) == 1 and problems[0].startswith("a.proj:") and "8 for its 72" in problems[0]
+
+
+def test_artifact_refuses_transforms_kiln_does_not_write():
+    """kiln reads back its own plain-hadamard input rotations; a randomized or weight-side transform,
+    or one naming a layer no quantization group has, is an ArtifactError, not a silent misread."""
+    from kiln.artifact import _ct_modules
+    from kiln.errors import ArtifactError
+
+    group = {"weights": {"num_bits": 8, "symmetric": True, "strategy": "channel"}, "targets": ["m.down_proj"],
+             "input_activations": {"num_bits": 8}}
+
+    def cfg(scheme):
+        return {"quantization_config": {"config_groups": {"g": group}, "transform_config": {"config_groups": {"t": scheme}}}}
+
+    ok = {"type": "hadamard", "head_dim": 128, "apply": [{"targets": ["m.down_proj"], "location": "input"}]}
+    assert _ct_modules(cfg(ok))["m.down_proj"]["rotation"] == "hadamard"
+    for bad, needle in [({**ok, "type": "random-hadamard"}, "random-hadamard transform"),
+                        ({**ok, "randomize": True}, "not one kiln writes"),
+                        ({**ok, "apply": [{"targets": ["m.down_proj"], "location": "weight_input"}]}, "at weight_input"),
+                        ({**ok, "apply": [{"targets": ["m.up_proj"], "location": "input"}]}, "m.up_proj")]:
+        with pytest.raises(ArtifactError, match=needle):
+            _ct_modules(cfg(bad))

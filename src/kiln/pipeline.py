@@ -92,7 +92,7 @@ def _check_composition(where: str, module: str, stage, earlier: list[tuple[int, 
         if prev.sparsifies and _rotates(stage):
             raise RecipeError(f"{where} ({stage.kind}): rotation: hadamard would quantize {module} as W·R, which "
                               f"has none of the zeros compress[{k}] ({prev.kind}) pruned into W",
-                              hint="drop activations.rotation on pruned layers (ignore: them in this stage)")
+                              hint="list the pruned layers under this stage's ignore:, or drop activations.rotation")
         if _rotates(prev) and stage.role == "training":
             raise RecipeError(f"{where} ({stage.kind}) cannot train {module}: compress[{k}] stored it rotated "
                               "(activations.rotation: hadamard), which distillation does not model",

@@ -305,11 +305,17 @@ def _ct_modules(cfg: dict) -> dict[str, dict]:
             out[t] = {"bits": w["num_bits"], "group_size": w.get("group_size") if w.get("strategy") == "group" else None,
                       "symmetric": w["symmetric"], "transposed": False,
                       "activation_bits": (group.get("input_activations") or {}).get("num_bits")}
-    for scheme in (qcfg.get("transform_config") or {}).get("config_groups", {}).values():
+    for name, scheme in (qcfg.get("transform_config") or {}).get("config_groups", {}).items():
         for args in scheme["apply"]:
+            if scheme["type"] != "hadamard" or args["location"] != "input" or scheme.get("randomize"):
+                raise ArtifactError(f"transform_config.{name}: a {scheme['type']} transform at {args['location']} "
+                                    "is not one kiln writes (kiln rotates W8A8 inputs by the plain hadamard only)",
+                                    hint="load other checkpoints with transformers / compressed-tensors")
             for t in args["targets"]:
-                if t in out and args["location"] == "input":
-                    out[t]["rotation"] = scheme["type"]
+                if t not in out:
+                    raise ArtifactError(f"transform_config.{name} rotates the inputs of {t}, which no quantization "
+                                        "group names", hint="the config.json was edited or not written by kiln")
+                out[t]["rotation"] = "hadamard"
     return out
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kiln.compile.graph import MS, Graph
-from kiln.compress.rotation import hadamard_block
 from kiln.compile.weights import NBitsWeight, concat_nbits, to_matmul_nbits
+from kiln.compress.rotation import factors, hadamard_block, sylvester
 from kiln.errors import RecipeError
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2", "opt")
@@ -276,8 +276,6 @@ class DecoderBuilder:
     def _hadamard(self, x: str, K: int, block: int, name: str) -> str:
         """x R with R = I ⊗ H_block, as kiln.compress.rotation.rotate computes it: each block viewed as
         an a × b matrix X becomes H_a X H_b (two small MatMuls, float32)."""
-        from kiln.compress.rotation import factors, sylvester
-
         g = self.g
         a, b = factors(block)
         X = g.op("Reshape", [x, g.const([0, 0, K // block, a, b])], name=name + "/RotationBlocks")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kiln.compress.rotation import rotate
+
 QMAX = 127  # symmetric int8: codes in [-127, 127] for activations
 W_ZERO = 128  # kiln's 8-bit symmetric weight grid: uint8 code − 128 is the signed value
 
@@ -110,8 +112,6 @@ class W8A8Linear(nn.Module):
         lead, dtype = x.shape[:-1], x.dtype
         x = x.reshape(-1, self.in_features)
         if self.rotation:
-            from kiln.compress.rotation import rotate
-
             x = rotate(x.float(), self.rotation)
         xq, xs = quantize_per_token(x)
         acc = int8_matmul(xq, self.weight)  # (T, out) int32
