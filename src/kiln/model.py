@@ -362,14 +362,11 @@ def load_full(model_dir: Path, store: WeightStore, trust_remote_code: bool = Fal
 def swap_w8a8(model: nn.Module, module_name: str, q: QuantizedWeight, rotation: str = "none") -> nn.Module:
     """Replace a linear by its W8A8 form (int8 per-channel weights, dynamic per-token int8 inputs,
     rotated first when `rotation` is 'hadamard': then q holds W R's codes); returns the module it replaced."""
-    from kiln.compress.rotation import hadamard_block
+    from kiln.compress.rotation import rotation_block
     from kiln.compress.w8a8 import W8A8Linear
 
-    parent, _, leaf = module_name.rpartition(".")
-    owner = model.get_submodule(parent)
-    old = getattr(owner, leaf)
+    old = model.get_submodule(module_name)
     bias = getattr(old, "bias", None)
-    block = hadamard_block(q.codes.shape[1]) if rotation != "none" else None
-    setattr(owner, leaf, W8A8Linear.from_quantized(q.codes, q.scale, None if bias is None else bias.detach(),
-                                                   rotation=block))
+    model.set_submodule(module_name, W8A8Linear.from_quantized(q.codes, q.scale, None if bias is None else bias.detach(),
+                                                               rotation=rotation_block(rotation, q.codes.shape[1])))
     return old

@@ -135,7 +135,7 @@ def _shape_problems(stage, targets: list[str], linears: dict[str, dict]) -> list
     if act is not None and (s.bits != 8 or s.group_size is not None or not s.symmetric):
         out.append(f"activations: int8 activations need int8 symmetric per-channel weights "
                    f"(scheme: {{bits: 8, group_size: null, symmetric: true}}), got {s.label()}")
-    if act is not None and act.rotated:
+    if _rotates(stage):
         from kiln.compress.rotation import MIN_BLOCK, hadamard_block
 
         out += [f"{t}: activations.rotation: hadamard rotates blocks of the largest power of two dividing "
@@ -272,7 +272,7 @@ def make_plan(recipe: Recipe, model: ResolvedModel) -> Plan:
                 plan.quantized[t] = {"bits": s.bits, "group_size": s.group_size, "symmetric": s.symmetric,
                                      "transposed": info["transposed"], "stage": k,
                                      "activation_bits": act.bits if act is not None else None}
-                if act is not None and act.rotated:
+                if _rotates(stage):
                     plan.quantized[t]["rotation"] = act.rotation
                 problems += [f"{where}: {p}" for p in format_problems(recipe.output.format, t, info["in_features"],
                                                                         s.group_size, info["transposed"])]

@@ -157,6 +157,7 @@ def build_checkpoint(root: Path, model_dir: Path, store, quantized: dict[str, di
     embedding and the config says so."""
     writer = _ShardWriter(root)
     groups: dict[tuple, list[str]] = {}
+    rotated: dict[str, int] = {}  # W8A8 modules stored as W R → their input width
     for name in store.keys():
         if name.endswith((".qcodes", ".qscale", ".qzero")):
             continue
@@ -168,6 +169,8 @@ def build_checkpoint(root: Path, model_dir: Path, store, quantized: dict[str, di
             for k, t in packed_tensors(mod, q, info["symmetric"], dtype, int8=bool(act)).items():
                 writer.add(k, t)
             groups.setdefault((q.bits, q.group_size, info["symmetric"], act), []).append(mod)
+            if info.get("rotation", "none") != "none":
+                rotated[mod] = q.codes.shape[1]
             continue
         rows = store.dense_rows(name)
         if rows is None:
@@ -184,8 +187,6 @@ def build_checkpoint(root: Path, model_dir: Path, store, quantized: dict[str, di
         cfg["tie_word_embeddings"] = False
     if fmt is OutputFormat.compressed_tensors and groups:
         cfg["quantization_config"] = _ct_config(groups, ignore=[head] if head and head not in quantized else [])
-        rotated = {m: store.quantized(m + ".weight").codes.shape[1] for g in groups.values() for m in g
-                   if quantized[m].get("rotation", "none") != "none"}
         if rotated:
             cfg["quantization_config"]["transform_config"] = _ct_transforms(rotated)
     if fmt is OutputFormat.compressed_tensors and sparse:
@@ -328,7 +329,7 @@ def load_model(root: Path, verify_digests: bool = True):
     from safetensors import safe_open
 
     from kiln.compress.quant import dequantize
-    from kiln.compress.rotation import hadamard_block, rotate
+    from kiln.compress.rotation import rotate, rotation_block
     from kiln.model import build_skeleton, tied_aliases
 
     root = Path(root)
@@ -347,8 +348,8 @@ def load_model(root: Path, verify_digests: bool = True):
         scale = raw[f"{m}.weight_scale"].float()
         if meta.get("activation_bits"):
             W = raw[f"{m}.weight"].float() * scale
-            if meta.get("rotation", "none") != "none":  # stored as W R; R R = I
-                W = rotate(W, hadamard_block(W.shape[1]))
+            if block := rotation_block(meta.get("rotation"), W.shape[1]):  # stored as W R; R R = I
+                W = rotate(W, block)
             state[f"{m}.weight"] = W.T.contiguous() if meta["transposed"] else W
             continue
         out_f, in_f = raw[f"{m}.weight_shape"].tolist()

@@ -18,7 +18,7 @@ import numpy as np
 
 from kiln.compile.graph import MS, Graph
 from kiln.compile.weights import NBitsWeight, concat_nbits, to_matmul_nbits
-from kiln.compress.rotation import factors, hadamard_block, sylvester
+from kiln.compress.rotation import factors, rotation_block, sylvester
 from kiln.errors import RecipeError
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2", "opt")
@@ -161,8 +161,7 @@ def load_linear(store, module: str, transposed: bool, max_block: int = 256) -> L
     N, K = codes.shape
     if info.get("activation_bits"):
         w_int8 = (codes.astype(np.int16) - 128).astype(np.int8)
-        block = hadamard_block(K) if info.get("rotation", "none") != "none" else None
-        return LinearW("int8", N, K, (w_int8, _np(scale).reshape(-1)), bias, block)
+        return LinearW("int8", N, K, (w_int8, _np(scale).reshape(-1)), bias, rotation_block(info.get("rotation"), K))
     nb = to_matmul_nbits(codes, _np(scale), zero, q.bits, q.group_size, q.symmetric, module=module, max_block=max_block)
     return LinearW("nbits", N, K, nb, bias)
 

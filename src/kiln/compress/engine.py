@@ -30,7 +30,7 @@ from torch import nn
 from kiln.arch import decoder_layout, in_out_features, is_transposed, module_name, set_weight_matrix, weight_matrix
 from kiln.compress.gptq import HessianNotPositiveDefinite
 from kiln.compress.hessian import HessianHooks
-from kiln.compress.rotation import hadamard_block, rotate, rotate_hessian
+from kiln.compress.rotation import rotate, rotate_hessian, rotation_block
 from kiln.compress.spill import Spill
 from kiln.context import RunContext
 from kiln.errors import CompressionError
@@ -673,8 +673,7 @@ def _int8_inputs(model: nn.Module, quantized: dict[str, tuple]):
         yield
     finally:
         for name, old in swapped.items():
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, old)
+            model.set_submodule(name, old)
 
 
 def _weights_stage(model, layer, i, names, stage, inputs, sparse, quantized, out, propagate: bool = False,
@@ -772,7 +771,7 @@ def _rewrite_linears(mods: list[nn.Module], names: list[str], H, stage, sparse, 
     Ws = [weight_matrix(m).float() for m in mods]
     keeps = [(W != 0) if n in sparse else None for W, n in zip(Ws, names)]
     act = stage.act_scheme
-    block = hadamard_block(Ws[0].shape[1]) if act is not None and act.rotated else None
+    block = rotation_block(act.rotation if act else None, Ws[0].shape[1])
     if block:  # quantize W R against the Hessian of x R (the plan keeps pruned layers out of this)
         Ws = [rotate(W, block) for W in Ws]
         H = None if H is None else rotate_hessian(H, block)
@@ -784,7 +783,7 @@ def _rewrite_linears(mods: list[nn.Module], names: list[str], H, stage, sparse, 
     for mod, name, res in zip(mods, names, results):
         set_weight_matrix(mod, rotate(res.weight, block) if block else res.weight)  # R R = I: back to x's basis
         if res.quantized is not None:
-            quantized[name + ".weight"] = (res.quantized, is_transposed(mod), stage.act_scheme)
+            quantized[name + ".weight"] = (res.quantized, is_transposed(mod), act)
         out.modules[name] = {"seconds": seconds, **res.stats}
 
 

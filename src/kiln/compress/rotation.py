@@ -16,6 +16,7 @@ token instead of n·k.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -28,14 +29,22 @@ def hadamard_block(in_features: int) -> int:
     return in_features & -in_features
 
 
+def rotation_block(rotation: str | None, in_features: int) -> int | None:
+    """The block of a layer's rotation, from its recorded kind ('hadamard', or 'none'/None for an
+    unrotated layer) and its input width."""
+    return hadamard_block(in_features) if rotation not in (None, "none") else None
+
+
 def factors(k: int) -> tuple[int, int]:
     """(a, b), powers of two with a·b = k and a ≤ b as close as they go."""
     a = 2 ** (int(math.log2(k)) // 2)
     return a, k // a
 
 
+@functools.lru_cache(maxsize=64)
 def sylvester(k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """H_k / √k: orthonormal, symmetric, involutory (k a power of two)."""
+    """H_k / √k: orthonormal, symmetric, involutory (k a power of two). Cached: every rotated
+    linear's forward asks for the same few; callers must not modify it."""
     if k <= 0 or k & (k - 1):
         raise ValueError(f"a Walsh–Hadamard matrix needs a power-of-two order, got {k}")
     H = torch.ones(1, 1, dtype=torch.float64)
