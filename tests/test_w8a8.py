@@ -134,6 +134,43 @@ def test_int_mm_shape_rules():
     assert w8a8._int_mm_supported(x, w) is False  # CPU: the exact float32 path is far faster
 
 
+def _w8a8(out, inp, seed, rotation=None):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-127, 128, (out, inp), dtype=torch.int8, generator=g)
+    return W8A8Linear(w, torch.rand(out, generator=g) * 0.01, torch.randn(out, generator=g), rotation)
+
+
+@pytest.mark.parametrize("inp,rotation", [(96, None), (1536, None), (640, 128)])
+def test_w8a8_forward_is_the_int32_product_scaled(inp, rotation):
+    """The forward skips the int8 and int32 round trips on CPU; its values stay those of
+    int8_matmul's exact int32 sum times both scales (1536 inputs: two chunks)."""
+    from kiln.compress.rotation import rotate
+
+    layer = _w8a8(24, inp, inp, rotation)
+    x = torch.randn(3, 11, inp) * torch.linspace(0.1, 4.0, inp)
+    xr = rotate(x.reshape(-1, inp), rotation) if rotation else x.reshape(-1, inp)
+    xq, xs = quantize_per_token(xr)
+    ref = int8_matmul(xq, layer.weight).float() * xs * layer.w_scale + layer.bias
+    assert torch.equal(layer(x), ref.reshape(3, 11, 24))
+
+
+def test_linears_reading_one_tensor_quantize_it_once(monkeypatch):
+    """q/k/v (or gate/up) get the very same tensor: its codes are computed once. A write to it in
+    between, or a new tensor, is quantized afresh, and every output equals a layer's own result."""
+    calls = []
+    real = w8a8.token_codes
+    monkeypatch.setattr(w8a8, "token_codes", lambda x: calls.append(1) or real(x))
+    q, k, r = _w8a8(16, 64, 1), _w8a8(8, 64, 2), _w8a8(8, 64, 3, rotation=32)
+    x = torch.randn(2, 5, 64)
+    alone = [m(x.clone()) for m in (q, k, r)]
+    calls.clear()
+    shared = [m(x) for m in (q, k, r)]  # r rotates: a different key
+    assert len(calls) == 2 and all(torch.equal(a, b) for a, b in zip(alone, shared))
+    x.mul_(2)  # same object, new version
+    assert torch.equal(k(x), k(x.clone())) and len(calls) == 4
+    y = torch.randn(2, 5, 64)
+    assert torch.equal(q(y), q(y.clone()))
+
 # --- online Hadamard rotation -------------------------------------------------------------------
 
 

@@ -8,6 +8,9 @@ int32 exactly as an int8 GEMM would, so what is evaluated is what an int8 kernel
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 from torch import nn
 
@@ -17,16 +20,22 @@ QMAX = 127  # symmetric int8: codes in [-127, 127] for activations
 W_ZERO = 128  # kiln's 8-bit symmetric weight grid: uint8 code − 128 is the signed value
 
 
+def token_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_per_token's codes as float32 integers in [-127, 127], the form the exact float32
+    product below consumes (the int8 round trip would change no value)."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True) / QMAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.div(xf, scale).round_().clamp_(-QMAX, QMAX), scale
+
+
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-token int8: x ≈ x_int8 · scale with scale = max_j |x_j| / 127 per row.
 
     x: (..., in). Returns (x_int8 (..., in), scale (..., 1) float32). All-zero rows get scale 1
     (their codes are 0), so no division by zero and no NaN."""
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True) / QMAX
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(xf / scale).clamp_(-QMAX, QMAX).to(torch.int8)
-    return q, scale
+    codes, scale = token_codes(x)
+    return codes.to(torch.int8), scale
 
 
 def _int_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -59,13 +68,55 @@ def int8_matmul(x_int8: torch.Tensor, w_int8: torch.Tensor) -> torch.Tensor:
             return torch._int_mm(x_int8.contiguous(), w_int8.t())
         except (RuntimeError, NotImplementedError):
             pass  # a build without the kernel for this shape: the exact float32 path below
-    out = None
+    return exact_product(x_int8.float(), w_int8).to(torch.int32)
+
+
+def exact_product(codes: torch.Tensor, w_int8: torch.Tensor) -> torch.Tensor:
+    """codes (T, in), float32 integers in [-128, 127], times w_int8 (out, in)ᵀ: the int32 sum as
+    float32, the value `int8_matmul(...).float()` gives. A single chunk's float32 product is that
+    integer already (no int32 round trip); more chunks are added in int32."""
     with torch.autocast("cpu", enabled=False):  # a bfloat16 calibration forward must not round these sums
-        for k in range(0, x_int8.shape[1], EXACT_FP32_CHUNK):
-            xs, ws = x_int8[:, k : k + EXACT_FP32_CHUNK].float(), w_int8[:, k : k + EXACT_FP32_CHUNK].float()
-            part = (xs @ ws.t()).to(torch.int32)
+        if codes.shape[1] <= EXACT_FP32_CHUNK:
+            return codes @ w_int8.float().t()
+        out = None
+        for k in range(0, codes.shape[1], EXACT_FP32_CHUNK):
+            part = (codes[:, k : k + EXACT_FP32_CHUNK] @ w_int8[:, k : k + EXACT_FP32_CHUNK].float().t()).to(torch.int32)
             out = part if out is None else out.add_(part)
-    return out
+        return out.float()
+
+
+class _SharedCodes(threading.local):
+    """The last input's per-token codes (rotated first where the layer rotates), so that linears
+    reading one tensor (q/k/v, gate/up) quantize it once. A hit needs the very tensor object, not
+    written to since (its version counter), and the same rotation; the entry goes with the tensor."""
+
+    def __init__(self):
+        self.ref, self.key, self.value = None, None, None
+
+    def get(self, x: torch.Tensor, rotation: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.is_inference():  # no version counter: nothing proves it unchanged
+            return _codes(x, rotation)
+        key = (x._version, rotation)
+        if self.ref is not None and self.ref() is x and self.key == key:
+            return self.value
+        self.value = _codes(x, rotation)
+        self.ref, self.key = weakref.ref(x, self._drop), key
+        return self.value
+
+    def _drop(self, ref) -> None:
+        if ref is self.ref:
+            self.ref, self.key, self.value = None, None, None
+
+
+def _codes(x: torch.Tensor, rotation: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.reshape(-1, x.shape[-1])
+    if rotation:
+        with torch.autocast("cpu", enabled=False):  # x R in float32, as the exported graph computes it
+            x = rotate(x.float(), rotation)
+    return token_codes(x)
+
+
+_shared = _SharedCodes()
 
 
 class W8A8Linear(nn.Module):
@@ -110,12 +161,12 @@ class W8A8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, dtype = x.shape[:-1], x.dtype
-        x = x.reshape(-1, self.in_features)
-        if self.rotation:
-            x = rotate(x.float(), self.rotation)
-        xq, xs = quantize_per_token(x)
-        acc = int8_matmul(xq, self.weight)  # (T, out) int32
-        y = acc.float() * xs * self.w_scale
+        codes, xs = _shared.get(x, self.rotation)
+        if _int_mm_supported(codes, self.weight):
+            y = int8_matmul(codes.to(torch.int8), self.weight).float()
+        else:
+            y = exact_product(codes, self.weight)
+        y = y.mul_(xs).mul_(self.w_scale)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features).to(dtype)
