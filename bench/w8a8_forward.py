@@ -5,9 +5,10 @@ inputs), against the same model in float32, in one process, the two alternating.
     python bench/w8a8_forward.py [--recipe recipes/quickstart.yaml] [--batch 4] [--seq-len 512] [--repeats 5]
 
 This runtime is what kiln evaluates W8A8 stages with and what the later linears of a layer calibrate
-through, so its speed is part of every W8A8 run. Prints the median and best wall time of each, their
-the median of the per-round ratios, and a digest of the W8A8 logits (the same digest at two commits means the same numbers). To
-compare commits, run this file against each one's src (e.g. `PYTHONPATH=<old checkout>/src`).
+through, so its speed is part of every W8A8 run. Prints the median and best wall time of each, the
+median of the per-round ratios, and a digest of the W8A8 logits (the same digest at two commits
+means the same numbers). To compare commits, run this file against each one's src (e.g.
+`PYTHONPATH=<old checkout>/src`).
 """
 
 from __future__ import annotations
